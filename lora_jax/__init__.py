@@ -1,0 +1,19 @@
+"""lora_jax: low-rank adaptation as a pure function transform for JAX."""
+
+from lora_jax._spec import ALL_LINEAR, LoraSpec
+from lora_jax._transform import MaterializationError, MaterializationWarning, wrap
+from lora_jax._tree import LoraFactors, merge, split, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_LINEAR",
+    "LoraFactors",
+    "LoraSpec",
+    "MaterializationError",
+    "MaterializationWarning",
+    "merge",
+    "split",
+    "unmerge",
+    "wrap",
+]

@@ -1,0 +1,210 @@
+"""`LoraSpec`: which leaves of a parameter tree get adapters, and how.
+
+A leaf is named by its *path*: the keys from the root joined by ``/``
+(``params/Dense_0/kernel``, ``layers/3/wq``). Every string pattern in a spec
+is a regular expression matched with :func:`re.fullmatch` against that path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PathFilter = Union[str, Sequence[str], Callable[[str, Any], bool], None]
+"""A regex (``re.fullmatch`` on the path), a list of regexes (any matches),
+a callable ``(path, leaf) -> bool``, or ``None`` (matches nothing)."""
+
+ALL_LINEAR = "all-linear"
+"""Preset for ``targets``: every weight consumed as a matmul/einsum weight."""
+
+# Leaves that look like linear weights but are conventionally left alone by
+# "all-linear": token embeddings and output heads (PEFT excludes them too).
+_EMBED_OR_HEAD = re.compile(
+    r"(^|.*/)(embed\w*|wte|wpe|tok_embeddings|embedding|lm_head|head|output|classifier)(/.*|$)",
+    re.IGNORECASE,
+)
+_LINEAR_NAMES = ("kernel", "weight", "w")
+
+Init = Literal["kaiming", "gaussian"]
+
+
+def path_to_str(path: tuple) -> str:
+    """Joins a `jax.tree_util` key path into the ``a/b/c`` form used by specs.
+
+    A trailing ``.value`` attribute (how `flax.nnx` variables expose their
+    array) is dropped, so an NNX state reads ``linear/kernel``.
+
+    >>> import jax
+    >>> [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
+    ['a/0', 'a/1']
+    """
+    parts = [_key_str(k) for k in path]
+    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def _key_str(key: Any) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def _check_filter(name: str, value: PathFilter) -> None:
+    if value is None or callable(value):
+        return
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"LoraSpec.{name} must be a regex string, a list of regex strings, a callable "
+            f"(path, leaf) -> bool or None; got {type(value).__name__}: {value!r}."
+        )
+    for p in patterns:
+        if name == "targets" and p == ALL_LINEAR:
+            continue
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"LoraSpec.{name}: {p!r} is not a valid regular expression ({e}).") from e
+
+
+def matches(filt: PathFilter, path: str, leaf: Any) -> bool:
+    """Whether a spec filter selects the leaf at ``path``."""
+    if filt is None:
+        return False
+    if callable(filt):
+        return bool(filt(path, leaf))
+    patterns = [filt] if isinstance(filt, str) else filt
+    return any(re.fullmatch(p, path) is not None for p in patterns)
+
+
+def _lookup(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
+    for regex, value in pattern.items():
+        if re.fullmatch(regex, path) is not None:
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which weights get low-rank adapters, their rank and scale, and what else trains.
+
+    Each adapted weight ``W`` is used as ``W + s·A@B`` with ``A`` of shape
+    ``[in, rank]``, ``B`` of shape ``[rank, out]`` and ``s = alpha / rank``
+    (``alpha / sqrt(rank)`` with ``rslora=True``). ``A`` starts random and
+    ``B`` at zero, so the adapted model starts exactly at the base model.
+
+    Args:
+      rank: rank ``r`` of every adapter (overridable per path with ``rank_pattern``).
+      alpha: scale numerator; ``None`` means ``2 * rank`` (the advice of
+        Biderman et al. 2024), so ``s = 2``.
+      targets: which leaves get adapters: a regex matched with ``re.fullmatch``
+        against the ``/``-joined path, a list of regexes, a callable
+        ``(path, leaf) -> bool``, or ``"all-linear"``: every weight used as
+        the weight operand of a matmul/einsum when ``split`` is given
+        ``trace=``, otherwise every 2-D float leaf named ``kernel``/``weight``;
+        in both cases except embeddings and output heads.
+      exclude: leaves never adapted even if ``targets`` selects them.
+      train: leaves trained in full next to the adapters (norm scales,
+        biases, a classification head). They move from ``frozen`` to
+        ``adapters``.
+      rslora: scale by ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
+      rank_pattern: ``{regex: rank}`` overrides for matching paths; first match wins.
+      alpha_pattern: ``{regex: alpha}`` overrides for matching paths.
+      init: distribution of ``A``: ``"kaiming"`` (uniform, bound
+        ``1/sqrt(fan_in)``, PEFT's default) or ``"gaussian"`` (std ``1/rank``).
+      dtype: dtype of the adapter factors; ``None`` keeps each weight's dtype.
+
+    Raises:
+      ValueError: for a non-positive rank or alpha, or an invalid regex.
+      TypeError: for filters of the wrong type.
+
+    References:
+      Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
+      Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA".
+
+    >>> spec = LoraSpec(rank=4, alpha=8, targets=r".*/(query|value)/kernel")
+    >>> spec.scale_for("params/query/kernel")
+    2.0
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    targets: PathFilter = ALL_LINEAR
+    exclude: PathFilter = None
+    train: PathFilter = None
+    rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    init: Init = "kaiming"
+    dtype: Any = None
+
+    def __post_init__(self) -> None:
+        for name, r in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+                raise ValueError(f"LoraSpec.{name} must be a positive integer; got {r!r}.")
+        alphas = [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]
+        for name, a in alphas:
+            if a is not None and (not isinstance(a, (int, float, np.number)) or a <= 0):
+                raise ValueError(f"LoraSpec.{name} must be a positive number or None; got {a!r}.")
+        for name in ("targets", "exclude", "train"):
+            _check_filter(name, getattr(self, name))
+        for name in ("rank_pattern", "alpha_pattern"):
+            for regex in getattr(self, name):
+                _check_filter(name, regex)
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"LoraSpec.init must be 'kaiming' or 'gaussian'; got {self.init!r}.")
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""
+        return int(_lookup(self.rank_pattern, path, self.rank))
+
+    def scale_for(self, path: str) -> float:
+        """The scale ``s`` of the adapter at ``path``: ``alpha / rank`` or ``alpha / sqrt(rank)``."""
+        rank = self.rank_for(path)
+        alpha = _lookup(self.alpha_pattern, path, self.alpha)
+        alpha = 2.0 * rank if alpha is None else float(alpha)
+        return alpha / (math.sqrt(rank) if self.rslora else rank)
+
+    @property
+    def uses_all_linear(self) -> bool:
+        return self.targets == ALL_LINEAR or (
+            not isinstance(self.targets, str) and isinstance(self.targets, Sequence) and ALL_LINEAR in self.targets
+        )
+
+
+def default_linear(path: str, leaf: Any) -> bool:
+    """The ``"all-linear"`` rule without a trace: 2-D float ``kernel``/``weight``
+    leaves that are not embeddings or output heads."""
+    name = path.rsplit("/", 1)[-1]
+    return (
+        name in _LINEAR_NAMES
+        and getattr(leaf, "ndim", None) == 2
+        and jnp.issubdtype(leaf.dtype, jnp.floating)
+        and _EMBED_OR_HEAD.fullmatch(path) is None
+    )
+
+
+def is_embed_or_head(path: str) -> bool:
+    return _EMBED_OR_HEAD.fullmatch(path) is not None
+
+
+def nearest_paths(pattern: Any, paths: Sequence[str], n: int = 5) -> list[str]:
+    """Real paths closest to a pattern that matched nothing (for error messages)."""
+    text = pattern if isinstance(pattern, str) else " ".join(map(str, pattern))
+    close = difflib.get_close_matches(text, paths, n=n, cutoff=0.0)
+    return close or list(paths[:n])

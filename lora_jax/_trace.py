@@ -1,0 +1,180 @@
+"""Abstract trace of a function of params: where and how each weight is used.
+
+`split(..., trace=fn)` runs `jax.make_jaxpr(fn)` on the shapes of the params
+and walks the program, following each parameter through the operations
+that keep it a weight (dtype casts, transposes, slicing a stacked axis,
+`jit`/`remat`/`custom_*` bodies, `scan` over a stack, `cond`, `while`) to
+the operations that consume it. From those uses it reads the weight's
+layout: which axes are contracted with activations (carried by ``A``), which
+are outputs (carried by ``B``) and which are stacked layers (one independent
+adapter each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jcore
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a weight's axes split between the two factors.
+
+    ``A`` has shape ``[*W[stack], *W[a], rank]`` and ``B`` has shape
+    ``[*W[stack], rank, *W[b]]``; axes are indices into ``W.shape``.
+    """
+
+    stack: tuple[int, ...]
+    a: tuple[int, ...]
+    b: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Uses:
+    """Everything the trace saw one leaf do."""
+
+    dots: list[tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    """(contracted axes, batch axes) of each `dot_general` use."""
+    convs: list[tuple[int, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    """(output-feature axis, input-feature and window axes) of each conv use."""
+    gathers: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    """Indexed (row) axes of each gather use, as in an embedding lookup."""
+    sliced: set[int] = dataclasses.field(default_factory=set)
+    """Axes sliced one entry at a time (`scan` over a stack, ``W[i]``)."""
+    other: set[str] = dataclasses.field(default_factory=set)
+    """Primitives that consume the weight in a way LoRA cannot factor."""
+
+
+# A tagged value: which leaf it is and, for each of its axes, the leaf axis.
+_Tag = tuple[int, tuple[int, ...]]
+
+_PASS_THROUGH = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+_CALLS = {"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call"}
+
+
+def _body(params: dict) -> tuple[jcore.Jaxpr, Sequence[Any]]:
+    body = params.get("jaxpr", params.get("call_jaxpr"))
+    if isinstance(body, jcore.ClosedJaxpr):
+        return body.jaxpr, body.consts
+    return body, ()
+
+
+def _walk(jaxpr: jcore.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> None:
+    env: dict[Any, _Tag] = {v: t for v, t in zip(jaxpr.invars, tags) if t is not None}
+
+    def tag_of(v: Any) -> _Tag | None:
+        return None if isinstance(v, jcore.Literal) else env.get(v)
+
+    for eqn in jaxpr.eqns:
+        in_tags = [tag_of(v) for v in eqn.invars]
+        if not any(t is not None for t in in_tags):
+            continue
+        name, params = eqn.primitive.name, eqn.params
+        if name in _PASS_THROUGH:
+            env[eqn.outvars[0]] = in_tags[0]
+        elif name == "transpose":
+            leaf, axes = in_tags[0]
+            env[eqn.outvars[0]] = (leaf, tuple(axes[p] for p in params["permutation"]))
+        elif name in ("slice", "dynamic_slice") and in_tags[0] is not None:
+            leaf, axes = in_tags[0]
+            shape = eqn.invars[0].aval.shape
+            out_shape = eqn.outvars[0].aval.shape
+            uses[leaf].sliced.update(axes[i] for i in range(len(axes)) if out_shape[i] != shape[i])
+            env[eqn.outvars[0]] = in_tags[0]
+        elif name == "squeeze":
+            leaf, axes = in_tags[0]
+            dims = set(params["dimensions"])
+            uses[leaf].sliced.update(axes[d] for d in dims)
+            env[eqn.outvars[0]] = (leaf, tuple(a for i, a in enumerate(axes) if i not in dims))
+        elif name in _CALLS:
+            body, _ = _body(params)
+            _walk(body, in_tags, uses)
+        elif name == "scan":
+            body, _ = _body(params)
+            n_consts, n_carry = params["num_consts"], params["num_carry"]
+            body_tags = list(in_tags)
+            for i in range(n_consts, n_consts + n_carry):
+                if in_tags[i] is not None:
+                    uses[in_tags[i][0]].other.add("scan carry")
+                    body_tags[i] = None
+            for i in range(n_consts + n_carry, len(in_tags)):
+                if in_tags[i] is not None:
+                    leaf, axes = in_tags[i]
+                    uses[leaf].sliced.add(axes[0])
+                    body_tags[i] = (leaf, axes[1:])
+            _walk(body, body_tags, uses)
+        elif name == "while":
+            nc, nb = params["cond_nconsts"], params["body_nconsts"]
+            _walk(params["cond_jaxpr"].jaxpr, in_tags[:nc] + [None] * (len(in_tags) - nc - nb), uses)
+            _walk(params["body_jaxpr"].jaxpr, in_tags[nc:], uses)
+            for t in in_tags[nc + nb :]:
+                if t is not None:
+                    uses[t[0]].other.add("while carry")
+        elif name == "cond":
+            for branch in params["branches"]:
+                _walk(branch.jaxpr, in_tags[1:], uses)
+        elif name == "dot_general":
+            (lc, rc), (lb, rb) = params["dimension_numbers"]
+            for tag, contract, batch in ((in_tags[0], lc, lb), (in_tags[1], rc, rb)):
+                if tag is not None:
+                    leaf, axes = tag
+                    uses[leaf].dots.append((tuple(axes[i] for i in contract), tuple(axes[i] for i in batch)))
+        elif name == "conv_general_dilated" and in_tags[1] is not None and in_tags[0] is None:
+            leaf, axes = in_tags[1]
+            out_dim, in_dim, *window = params["dimension_numbers"].rhs_spec
+            if params["feature_group_count"] == 1 and params["batch_group_count"] == 1:
+                uses[leaf].convs.append((axes[out_dim], tuple(axes[i] for i in (in_dim, *window))))
+            else:
+                uses[leaf].other.add("grouped conv_general_dilated")
+        elif name == "gather" and in_tags[0] is not None and in_tags[1] is None:
+            leaf, axes = in_tags[0]
+            dn = params["dimension_numbers"]
+            if dn.operand_batching_dims:
+                uses[leaf].other.add("batched gather")
+            else:
+                uses[leaf].gathers.append(tuple(axes[i] for i in dn.collapsed_slice_dims))
+        else:
+            for t in in_tags:
+                if t is not None:
+                    uses[t[0]].other.add(name)
+
+
+def trace_uses(fn: Callable[[Any], Any], params: Any) -> list[Uses]:
+    """Traces ``fn(params)`` abstractly; returns the uses of each leaf (flat order)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    closed = jax.make_jaxpr(lambda flat: fn(jax.tree_util.tree_unflatten(treedef, flat)))(abstract)
+    uses = [Uses() for _ in leaves]
+    tags = [(i, tuple(range(len(x.shape)))) for i, x in enumerate(leaves)]
+    _walk(closed.jaxpr, tags, uses)
+    return uses
+
+
+def layout_from_uses(uses: Uses, ndim: int) -> tuple[Layout | None, str]:
+    """The layout a leaf's uses imply, or ``None`` and the reason there is none."""
+    stack = set(uses.sliced)
+    for _, batch in uses.dots:
+        stack.update(batch)
+    if uses.gathers:
+        a = set(uses.gathers[0])
+    elif uses.convs:
+        a = set(uses.convs[0][1])
+    elif uses.dots:
+        a = set(uses.dots[0][0])
+    else:
+        why = f"it is only used by {sorted(uses.other)}" if uses.other else "the traced function never uses it"
+        return None, why
+    a -= stack
+    b = set(range(ndim)) - a - stack
+    if not a or not b:
+        return None, "its uses contract all or none of its non-stacked axes, so there is no in/out split"
+    return Layout(tuple(sorted(stack)), tuple(sorted(a)), tuple(sorted(b))), ""
+
+
+def is_linear_weight(uses: Uses) -> bool:
+    """``"all-linear"`` with a trace: used as a matmul/einsum operand and never gathered."""
+    return bool(uses.dots) and not uses.gathers

@@ -1,0 +1,590 @@
+"""`wrap`: run a function of params with each adapted weight kept factored.
+
+`wrap(apply_fn)` traces ``apply_fn`` to a jaxpr and evaluates it with an
+interpreter in which every adapted weight is a `Factored` value
+``(W, A, B, s)``. Operations that commute with the factorisation keep it
+factored; the ones that consume a weight apply both parts:
+
+* ``dot_general``: ``dot(x, W) + s·dot(dot(x, A), B)`` with the dimension
+  numbers carried over, so the backward pass needs only ``x``, ``A``, ``B``
+  and the upstream gradient, never a full-size gradient of ``W``;
+* ``conv_general_dilated``: ``A`` as a conv to ``rank`` channels, ``B`` as a
+  1x1 projection;
+* ``gather`` (an embedding lookup): gather rows of ``A``, then ``@ B``.
+
+Higher-order primitives are re-entered through their public ops
+(`jax.lax.scan`, `jax.checkpoint`, `jax.lax.switch`, `jax.lax.while_loop`)
+with factored values passed through as pytrees. Anything else forms
+``W + s·A@B`` at that point (correct, but it defeats LoRA) and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from lora_jax import _tree
+from lora_jax._tree import LoraFactors, low_rank_delta
+
+
+class MaterializationWarning(UserWarning):
+    """An adapted weight had to be formed in full (``W + s·A@B``) inside `wrap`."""
+
+
+class MaterializationError(ValueError):
+    """`wrap(..., strict=True)` met a use of an adapted weight it cannot keep factored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+    scale: float
+    stack: tuple[int, ...]
+    a_axes: tuple[int, ...]
+    b_axes: tuple[int, ...]
+    path: str
+
+
+@jax.tree_util.register_pytree_node_class
+class Factored:
+    """An adapted weight inside the interpreter: ``W + s·A@B``, never summed."""
+
+    __slots__ = ("w", "a", "b", "meta")
+
+    def __init__(self, w, a, b, meta: _Meta):
+        self.w, self.a, self.b, self.meta = w, a, b, meta
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), self.meta
+
+    @classmethod
+    def tree_unflatten(cls, meta, children):
+        return cls(*children, meta)
+
+    def replace(self, w=None, a=None, b=None, **meta) -> Factored:
+        return Factored(
+            self.w if w is None else w,
+            self.a if a is None else a,
+            self.b if b is None else b,
+            dataclasses.replace(self.meta, **meta),
+        )
+
+    def a_pos(self, axis: int) -> int:
+        """Position in ``A`` of W's axis ``axis`` (stack or a side)."""
+        m = self.meta
+        return m.stack.index(axis) if axis in m.stack else len(m.stack) + m.a_axes.index(axis)
+
+    def b_pos(self, axis: int) -> int:
+        """Position in ``B`` of W's axis ``axis`` (stack or b side)."""
+        m = self.meta
+        return m.stack.index(axis) if axis in m.stack else len(m.stack) + 1 + m.b_axes.index(axis)
+
+    def full(self) -> jax.Array:
+        m = self.meta
+        dtype = jnp.promote_types(jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32)
+        delta = low_rank_delta(self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes, dtype)
+        return (self.w.astype(dtype) + delta).astype(self.w.dtype)
+
+
+def _renumber(axes: Sequence[int], removed: Sequence[int]) -> tuple[int, ...]:
+    return tuple(ax - sum(r < ax for r in removed) for ax in axes)
+
+
+class _Interpreter:
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.warned: set[tuple[str, str]] = set()
+
+    # -- materialisation ------------------------------------------------------------------
+    def materialize(self, value: Any, why: str) -> Any:
+        if not isinstance(value, Factored):
+            return value
+        path = value.meta.path
+        msg = (
+            f"lora_jax.wrap: the adapted weight {path!r} is consumed by {why}, which does not commute with "
+            "the low-rank factorisation, so W + s·A@B is formed there. The result is correct, but it costs a "
+            "full-size weight and its gradient, which LoRA is meant to avoid."
+        )
+        if self.strict:
+            raise MaterializationError(msg + " (strict=True makes this an error; pass strict=False to allow it.)")
+        if (why, path) not in self.warned:
+            self.warned.add((why, path))
+            warnings.warn(msg + " Pass strict=True to make this an error.", MaterializationWarning, stacklevel=4)
+        return value.full()
+
+    def materialize_all(self, values: Sequence[Any], why: str) -> list[Any]:
+        return [self.materialize(v, why) for v in values]
+
+    # -- evaluation -----------------------------------------------------------------------
+    def eval(self, jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+        env: dict[Any, Any] = {}
+
+        def read(v):
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        for v, x in zip(jaxpr.constvars, consts):
+            env[v] = x
+        for v, x in zip(jaxpr.invars, args):
+            env[v] = x
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            if any(isinstance(x, Factored) for x in invals):
+                rule = _RULES.get(eqn.primitive.name)
+                outs = rule(self, eqn, invals) if rule is not None else None
+                if outs is None:
+                    invals = self.materialize_all(invals, f"the primitive '{eqn.primitive.name}'")
+                    outs = self.bind(eqn, invals)
+            else:
+                outs = self.bind(eqn, invals)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+            for v, x in zip(eqn.outvars, outs):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = x
+        return [read(v) for v in jaxpr.outvars]
+
+    @staticmethod
+    def bind(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+        params = eqn.primitive.get_bind_params(eqn.params)
+        with eqn.ctx.manager:
+            return eqn.primitive.bind(*invals, **params)
+
+    def eval_closed(self, closed: Any, args: Sequence[Any]) -> list[Any]:
+        if isinstance(closed, jcore.ClosedJaxpr):
+            return self.eval(closed.jaxpr, closed.consts, args)
+        return self.eval(closed, (), args)
+
+
+# -- rules: each returns the outputs (a value, or a list for multiple_results),
+# or None to fall back to materialising. ------------------------------------------------
+_RULES: dict[str, Callable[[_Interpreter, jcore.JaxprEqn, list], Any]] = {}
+
+
+def _rule(*names: str):
+    def register(fn):
+        for n in names:
+            _RULES[n] = fn
+        return fn
+
+    return register
+
+
+def _with_w(eqn, invals, f: Factored, position: int):
+    vals = list(invals)
+    vals[position] = f.w
+    return _Interpreter.bind(eqn, vals)
+
+
+@_rule("convert_element_type")
+def _convert(interp, eqn, invals):
+    (f,) = invals
+    # A and B keep their own dtype; they are cast to W's at the point of use.
+    return f.replace(w=_with_w(eqn, invals, f, 0))
+
+
+@_rule("copy", "copy_p")
+def _copy(interp, eqn, invals):
+    return invals[0]
+
+
+@_rule("transpose")
+def _transpose(interp, eqn, invals):
+    (f,) = invals
+    inv = np.argsort(eqn.params["permutation"])
+    m = f.meta
+    return f.replace(
+        w=_with_w(eqn, invals, f, 0),
+        stack=tuple(int(inv[i]) for i in m.stack),
+        a_axes=tuple(int(inv[i]) for i in m.a_axes),
+        b_axes=tuple(int(inv[i]) for i in m.b_axes),
+    )
+
+
+def _full_outside_stack(f: Factored, out_shape: Sequence[int]) -> bool:
+    shape = f.w.shape
+    return all(out_shape[i] == shape[i] for i in range(len(shape)) if i not in f.meta.stack)
+
+
+@_rule("slice")
+def _slice(interp, eqn, invals):
+    (f,) = invals
+    p = eqn.params
+    if not _full_outside_stack(f, eqn.outvars[0].aval.shape) or any(s not in (None, 1) for s in p["strides"] or ()):
+        return None
+    m, ns = f.meta, len(f.meta.stack)
+
+    def cut(x, pos_of, r_pos):
+        start, limit = [0] * x.ndim, list(x.shape)
+        for ax in m.stack:
+            start[pos_of(ax)], limit[pos_of(ax)] = p["start_indices"][ax], p["limit_indices"][ax]
+        return jax.lax.slice(x, start, limit)
+
+    return f.replace(w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos, -1), b=cut(f.b, f.b_pos, ns))
+
+
+@_rule("dynamic_slice")
+def _dynamic_slice(interp, eqn, invals):
+    f, *starts = invals
+    if any(isinstance(s, Factored) for s in starts) or not _full_outside_stack(f, eqn.params["slice_sizes"]):
+        return None
+    m = f.meta
+
+    def cut(x, pos_of):
+        idx, sizes = [0] * x.ndim, list(x.shape)
+        for ax in m.stack:
+            idx[pos_of(ax)], sizes[pos_of(ax)] = starts[ax], eqn.params["slice_sizes"][ax]
+        return jax.lax.dynamic_slice(x, idx, sizes)
+
+    return f.replace(w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos), b=cut(f.b, f.b_pos))
+
+
+@_rule("squeeze")
+def _squeeze(interp, eqn, invals):
+    (f,) = invals
+    dims = tuple(eqn.params["dimensions"])
+    m = f.meta
+    if not set(dims) <= set(m.stack):
+        return None
+    a = jnp.squeeze(f.a, tuple(f.a_pos(d) for d in dims))
+    b = jnp.squeeze(f.b, tuple(f.b_pos(d) for d in dims))
+    return f.replace(
+        w=_with_w(eqn, invals, f, 0),
+        a=a,
+        b=b,
+        stack=_renumber([s for s in m.stack if s not in dims], dims),
+        a_axes=_renumber(m.a_axes, dims),
+        b_axes=_renumber(m.b_axes, dims),
+    )
+
+
+@_rule("dot_general")
+def _dot_general(interp, eqn, invals):
+    lhs, rhs = invals
+    if isinstance(lhs, Factored) and isinstance(rhs, Factored):
+        lhs = interp.materialize(lhs, "a dot_general with another adapted weight")
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if isinstance(rhs, Factored):
+        f, x, fc, fb, xc, xb, f_is_lhs = rhs, lhs, rc, rb, lc, lb, False
+    else:
+        f, x, fc, fb, xc, xb, f_is_lhs = lhs, rhs, lc, lb, rc, rb, True
+    m = f.meta
+    if set(fb) != set(m.stack):
+        return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
+    base = _Interpreter.bind(eqn, [f.w, x] if f_is_lhs else [x, f.w])
+    precision = eqn.params.get("precision")
+    pref = eqn.params.get("preferred_element_type")
+    a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
+    ca = [(xi, wi) for xi, wi in zip(xc, fc) if wi in m.a_axes]
+    cb = [(xi, wi) for xi, wi in zip(xc, fc) if wi in m.b_axes]
+    # Contract x with the factor that shares its contracted axes first, so the
+    # intermediate is [..., rank] rather than an outer product.
+    if ca or not cb:
+        first, first_pos, c1, second, second_pos, c2 = a, f.a_pos, ca, b, f.b_pos, cb
+        first_r, second_r = a.ndim - 1, len(m.stack)
+    else:
+        first, first_pos, c1, second, second_pos, c2 = b, f.b_pos, cb, a, f.a_pos, ca
+        first_r, second_r = len(m.stack), a.ndim - 1
+    nb = len(xb)
+    dims1 = (([xi for xi, _ in c1], [first_pos(wi) for _, wi in c1]), (list(xb), [first_pos(w) for w in fb]))
+    t = jax.lax.dot_general(x, first, dims1, precision=precision)
+    x_free = [i for i in range(x.ndim) if i not in xb and i not in [xi for xi, _ in c1]]
+    first_used = {first_pos(wi) for _, wi in c1} | {first_pos(w) for w in fb}
+    first_free = [i for i in range(first.ndim) if i not in first_used]
+    t_pos_x = {xi: nb + k for k, xi in enumerate(x_free)}
+    t_r = nb + len(x_free) + first_free.index(first_r)
+    t = t * jnp.asarray(m.scale, t.dtype)
+    dims2 = (
+        ([t_pos_x[xi] for xi, _ in c2] + [t_r], [second_pos(wi) for _, wi in c2] + [second_r]),
+        (list(range(nb)), [second_pos(w) for w in fb]),
+    )
+    u = jax.lax.dot_general(t, second, dims2, precision=precision, preferred_element_type=pref)
+    # Label u's axes, then put them in dot_general's output order.
+    w_of_first = _w_axis_of(f, first is a)
+    w_of_second = _w_axis_of(f, first is not a)
+    t_free_labels = [("x", xi) for xi in x_free] + [("w", w_of_first[i]) for i in first_free if i != first_r]
+    labels = [("batch", k) for k in range(nb)]
+    labels += [lab for lab in t_free_labels if lab[0] == "x" and lab[1] not in [xi for xi, _ in c2]]
+    labels += [lab for lab in t_free_labels if lab[0] == "w"]
+    second_used = {second_pos(wi) for _, wi in c2} | {second_pos(w) for w in fb} | {second_r}
+    labels += [("w", w_of_second[i]) for i in range(second.ndim) if i not in second_used]
+    x_out = [("x", i) for i in range(x.ndim) if i not in xb and i not in xc]
+    w_out = [("w", i) for i in range(f.w.ndim) if i not in fb and i not in fc]
+    target = [("batch", k) for k in range(nb)] + (w_out + x_out if f_is_lhs else x_out + w_out)
+    u = jnp.transpose(u, [labels.index(lab) for lab in target])
+    return base + u.astype(base.dtype)
+
+
+def _w_axis_of(f: Factored, of_a: bool) -> dict[int, int | None]:
+    """Map from a factor's axis position to W's axis (None for the rank axis)."""
+    m = f.meta
+    if of_a:
+        order = [*m.stack, *m.a_axes, None]
+    else:
+        order = [*m.stack, None, *m.b_axes]
+    return dict(enumerate(order))
+
+
+@_rule("conv_general_dilated")
+def _conv(interp, eqn, invals):
+    x, f = invals
+    if isinstance(x, Factored) or not isinstance(f, Factored):
+        return None
+    p = eqn.params
+    m = f.meta
+    out_dim, in_dim, *window = p["dimension_numbers"].rhs_spec
+    if m.stack or m.b_axes != (out_dim,) or set(m.a_axes) != {in_dim, *window}:
+        return None
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    base = _Interpreter.bind(eqn, [x, f.w])
+    a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
+    # A as a kernel with W's axis order and `rank` output channels.
+    kernel = jnp.transpose(a, [a.ndim - 1 if i == out_dim else f.a_pos(i) for i in range(f.w.ndim)])
+    params = dict(p, preferred_element_type=None)
+    t = jax.lax.conv_general_dilated_p.bind(x, kernel, **params)
+    t = t * jnp.asarray(m.scale, t.dtype)
+    channel = p["dimension_numbers"].out_spec[1]
+    u = jax.lax.dot_general(t, b, (((channel,), (0,)), ((), ())), precision=p.get("precision"))
+    u = jnp.moveaxis(u, -1, channel)
+    return base + u.astype(base.dtype)
+
+
+@_rule("gather")
+def _gather(interp, eqn, invals):
+    f, idx = invals
+    if isinstance(idx, Factored) or not isinstance(f, Factored):
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    m = f.meta
+    rows = set(m.a_axes)
+    if m.stack or dn.operand_batching_dims or set(dn.collapsed_slice_dims) != rows or set(dn.start_index_map) != rows:
+        return None
+    if any(p["slice_sizes"][i] != (1 if i in rows else f.w.shape[i]) for i in range(f.w.ndim)):
+        return None
+    base = _Interpreter.bind(eqn, [f.w, idx])
+    a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
+    batch_rank = base.ndim - len(m.b_axes)
+    a_dn = jax.lax.GatherDimensionNumbers(
+        offset_dims=(batch_rank,),
+        collapsed_slice_dims=tuple(sorted(f.a_pos(i) for i in m.a_axes)),
+        start_index_map=tuple(f.a_pos(i) for i in dn.start_index_map),
+    )
+    a_rows = jax.lax.gather(
+        a,
+        idx,
+        a_dn,
+        (*([1] * len(m.a_axes)), a.shape[-1]),
+        indices_are_sorted=p["indices_are_sorted"],
+        unique_indices=p["unique_indices"],
+        mode=p["mode"],
+        fill_value=p["fill_value"],
+    )
+    a_rows = a_rows * jnp.asarray(m.scale, a_rows.dtype)
+    u = jax.lax.dot_general(a_rows, b, (((batch_rank,), (0,)), ((), ())))  # [*batch, *b_axes]
+    # W's kept axes appear at offset_dims in increasing W order; batch dims fill the rest.
+    b_sorted = [batch_rank + m.b_axes.index(ax) for ax in sorted(m.b_axes)]
+    offsets = sorted(dn.offset_dims)
+    batch_iter = iter(range(batch_rank))
+    perm = [b_sorted[offsets.index(i)] if i in offsets else next(batch_iter) for i in range(base.ndim)]
+    return base + jnp.transpose(u, perm).astype(base.dtype)
+
+
+# -- higher-order primitives ----------------------------------------------------------------
+
+
+@_rule("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
+def _inline(interp, eqn, invals):
+    # Inlining keeps the computation; a custom derivative rule written for the
+    # plain weight cannot take a factored one, so JAX differentiates the body.
+    body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    return interp.eval_closed(body, invals)
+
+
+@_rule("remat2", "checkpoint")
+def _remat(interp, eqn, invals):
+    p = eqn.params
+    body = p["jaxpr"]
+
+    def fn(*args):
+        return interp.materialize_all(interp.eval_closed(body, args), "the output of a remat body")
+
+    return jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
+
+
+@_rule("scan")
+def _scan(interp, eqn, invals):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts = invals[:nc]
+    init = interp.materialize_all(invals[nc : nc + ncarry], "a scan carry")
+    xs = [_sliceable(interp, x) for x in invals[nc + ncarry :]]
+
+    def body(carry, x):
+        outs = interp.eval_closed(p["jaxpr"], [*consts, *carry, *x])
+        outs = interp.materialize_all(outs, "the output of a scan body")
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = jax.lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return [*carry, *ys]
+
+
+def _sliceable(interp: _Interpreter, x: Any) -> Any:
+    """A factored `scan` input whose leaves all slice to one layer's factors.
+
+    `scan` slices axis 0 of every leaf; that is one layer of the stack when
+    W's axis 0 is stacked. A and B get that axis moved to the front and the
+    metadata describes a single layer, which is what the body sees.
+    """
+    if not isinstance(x, Factored):
+        return x
+    m = x.meta
+    if 0 not in m.stack:
+        return interp.materialize(x, "a scan over one of its unstacked axes")
+    a = jnp.moveaxis(x.a, x.a_pos(0), 0)
+    b = jnp.moveaxis(x.b, x.b_pos(0), 0)
+    rest = [s for s in m.stack if s != 0]
+    return Factored(
+        x.w,
+        a,
+        b,
+        dataclasses.replace(
+            m, stack=_renumber(rest, [0]), a_axes=_renumber(m.a_axes, [0]), b_axes=_renumber(m.b_axes, [0])
+        ),
+    )
+
+
+@_rule("while")
+def _while(interp, eqn, invals):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts = invals[:nc], invals[nc : nc + nb]
+    init = interp.materialize_all(invals[nc + nb :], "a while_loop carry")
+
+    def cond_fun(carry):
+        return interp.eval_closed(p["cond_jaxpr"], [*cond_consts, *carry])[0]
+
+    def body_fun(carry):
+        outs = interp.eval_closed(p["body_jaxpr"], [*body_consts, *carry])
+        return interp.materialize_all(outs, "the output of a while_loop body")
+
+    return list(jax.lax.while_loop(cond_fun, body_fun, list(init)))
+
+
+@_rule("cond")
+def _cond(interp, eqn, invals):
+    index, *ops = invals
+    index = interp.materialize(index, "the index of a cond")
+
+    def branch(closed):
+        def run(*args):
+            return interp.materialize_all(interp.eval_closed(closed, args), "the output of a cond branch")
+
+        return run
+
+    return list(jax.lax.switch(index, [branch(br) for br in eqn.params["branches"]], *ops))
+
+
+# -- the public transform -------------------------------------------------------------------
+
+
+def _is_dynamic(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
+    """Turns ``apply_fn(params, *args)`` into ``f(frozen, adapters, *args)``.
+
+    The returned function computes what ``apply_fn`` computes on
+    ``merge(frozen, adapters)``, but with every adapted weight used as
+    ``W x + s·B(A x)`` on the fly: ``W + s·A@B`` is never formed, and the
+    gradient with respect to ``adapters`` never forms a gradient of ``W``, so
+    a training step costs about two thirds of full fine-tuning. It composes
+    with `jax.jit`, `jax.grad` and `jax.vmap` like any function.
+
+    Args:
+      apply_fn: a function whose first argument is the params tree (for
+        example ``model.apply`` of a Flax linen module). Array arguments
+        (anywhere in ``args``/``kwargs``) are traced; everything else is
+        passed as a static Python value.
+      strict: raise `MaterializationError` instead of warning when an adapted
+        weight is used in a way that forces ``W + s·A@B`` to be formed.
+
+    Returns:
+      ``wrapped(frozen, adapters, *args, **kwargs)`` with ``apply_fn``'s outputs.
+
+    Raises:
+      ValueError: (when called) the adapters do not belong to ``frozen``;
+        in strict mode, a use that cannot stay factored.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lora
+    >>> params = {"w": jnp.ones((3, 4))}
+    >>> frozen, adapters = lora.split(params, lora.LoraSpec(rank=2, targets="w"), key=jax.random.key(0))
+    >>> apply = lambda p, x: x @ p["w"]
+    >>> lora.wrap(apply)(frozen, adapters, jnp.ones((2, 3))).shape
+    (2, 4)
+    """
+    if not callable(apply_fn):
+        raise TypeError(f"wrap: `apply_fn` must be callable; got {type(apply_fn).__name__}.")
+    cache: dict[Any, Any] = {}
+
+    @functools.wraps(apply_fn)
+    def wrapped(frozen: Any, adapters: Any, *args: Any, **kwargs: Any) -> Any:
+        factors: dict[str, LoraFactors] = {}
+
+        def keep_w(path, w, f):
+            factors[path] = f
+            return w
+
+        params = _tree.combine(frozen, adapters, keep_w, caller="wrap")
+        flat, treedef = _tree._flatten(params)
+        param_leaves = [x for _, _, x in flat]
+        arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
+        dynamic = [_is_dynamic(x) for x in arg_leaves]
+        dyn_leaves = [x for x, d in zip(arg_leaves, dynamic) if d]
+        static_leaves = tuple(None if d else x for x, d in zip(arg_leaves, dynamic))
+
+        def flat_fn(p_leaves, d_leaves):
+            it = iter(d_leaves)
+            leaves = [next(it) if d else s for s, d in zip(static_leaves, dynamic)]
+            a, kw = jax.tree_util.tree_unflatten(arg_tree, leaves)
+            return apply_fn(jax.tree_util.tree_unflatten(treedef, p_leaves), *a, **kw)
+
+        avals = tuple(jax.typeof(x) for x in (*param_leaves, *dyn_leaves))
+        try:
+            cache_key = (treedef, arg_tree, tuple(dynamic), static_leaves, avals)
+            hash(cache_key)
+        except TypeError:
+            cache_key = None
+        hit = cache.get(cache_key) if cache_key is not None else None
+        if hit is None:
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, dyn_leaves)
+            hit = (closed, jax.tree_util.tree_structure(out_shape))
+            if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+                if len(cache) > 32:
+                    cache.clear()
+                cache[cache_key] = hit
+        closed, out_tree = hit
+
+        values: list[Any] = []
+        for path, _, leaf in flat:
+            f = factors.get(path)
+            if f is None:
+                values.append(leaf)
+            else:
+                meta = _Meta(f.scale, f.stack_axes, f.a_axes, f.b_axes, path)
+                values.append(Factored(leaf, f.lora_a, f.lora_b, meta))
+        interp = _Interpreter(strict)
+        outs = interp.eval(closed.jaxpr, closed.consts, [*values, *dyn_leaves])
+        outs = interp.materialize_all(outs, "the function's output (it returns the weight itself)")
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    return wrapped

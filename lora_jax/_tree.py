@@ -1,0 +1,363 @@
+"""`split` and `merge`: a parameter tree <-> (frozen tree, adapter tree)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _spec, _trace
+from lora_jax._spec import LoraSpec
+from lora_jax._trace import Layout
+
+PyTree = Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraFactors:
+    """The two trainable factors of one adapted weight ``W``: ``W + scale·A@B``.
+
+    For a 2-D kernel ``[in, out]``, ``lora_a`` is ``[in, rank]`` and
+    ``lora_b`` is ``[rank, out]``. In general ``lora_a`` is
+    ``[*W[stack_axes], *W[a_axes], rank]`` and ``lora_b`` is
+    ``[*W[stack_axes], rank, *W[b_axes]]``: stacked axes (an ``nn.scan``
+    layer axis) get one independent adapter per entry. ``scale`` and the
+    axes are static pytree metadata, so ``jax.tree.map``, optax, orbax and
+    pickle see only the two arrays.
+
+    >>> import jax.numpy as jnp
+    >>> f = LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 4)), scale=0.5)
+    >>> f.delta().shape
+    (3, 4)
+    """
+
+    lora_a: jax.Array
+    lora_b: jax.Array
+    scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    stack_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    a_axes: tuple[int, ...] = dataclasses.field(default=(0,), metadata=dict(static=True))
+    b_axes: tuple[int, ...] = dataclasses.field(default=(1,), metadata=dict(static=True))
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[-1]
+
+    def delta(self, dtype: Any = None) -> jax.Array:
+        """``scale·A@B`` laid out like ``W`` (computed in ``dtype``, default the factors')."""
+        return low_rank_delta(self.lora_a, self.lora_b, self.scale, self.stack_axes, self.a_axes, self.b_axes, dtype)
+
+
+def low_rank_delta(a, b, scale, stack, a_axes, b_axes, dtype=None) -> jax.Array:
+    """``scale·A@B`` with its axes put back in ``W``'s order."""
+    if dtype is not None:
+        a, b = a.astype(dtype), b.astype(dtype)
+    ns = len(stack)
+    batch = tuple(range(ns))
+    d = jax.lax.dot_general(a, b, (((a.ndim - 1,), (ns,)), (batch, batch)))
+    d = jnp.transpose(d, np.argsort((*stack, *a_axes, *b_axes)))
+    return d * jnp.asarray(scale, d.dtype)
+
+
+def _flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(_spec.path_to_str(p), _components(p), x) for p, x in flat], treedef
+
+
+def _components(path: tuple) -> tuple[str, ...]:
+    joined = _spec.path_to_str(path)
+    parts = tuple(_spec._key_str(k) for k in path)
+    return parts if "/".join(parts) == joined else parts[:-1]
+
+
+def _nest(entries: Iterator[tuple[tuple[str, ...], Any]]) -> dict:
+    out: dict = {}
+    for parts, value in entries:
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _is_factors(x: Any) -> bool:
+    return isinstance(x, LoraFactors)
+
+
+def adapter_entries(adapters: PyTree) -> dict[str, Any]:
+    """``{path: LoraFactors or array}`` for everything in an adapter tree."""
+    if isinstance(adapters, LoraFactors) or not isinstance(adapters, dict):
+        raise TypeError(
+            f"`adapters` must be the adapter tree returned by lora_jax.split (a dict); got {type(adapters).__name__}."
+        )
+    flat, _ = _flatten(adapters, is_leaf=_is_factors)
+    return {path: x for path, _, x in flat}
+
+
+def _is_float(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def _layout_without_trace(path: str, leaf: Any) -> Layout:
+    if leaf.ndim == 2:
+        return Layout((), (0,), (1,))
+    raise ValueError(
+        f"split: the layout of target {path!r} with shape {tuple(leaf.shape)} is ambiguous without a trace: "
+        "a 2-D weight is read as [in, out], but for other shapes (conv [*window, in, out], DenseGeneral "
+        "[D, H, hd], nn.scan stacks [L, in, out], ...) the in/out/stacked axes depend on how it is used. "
+        "Pass trace=lambda p: model.apply(p, x) so split can read the layout from the traced use."
+    )
+
+
+def _init_factors(key, leaf, layout: Layout, rank: int, scale: float, spec: LoraSpec) -> LoraFactors:
+    shape = leaf.shape
+    stack_shape = tuple(shape[i] for i in layout.stack)
+    a_shape = tuple(shape[i] for i in layout.a)
+    b_shape = tuple(shape[i] for i in layout.b)
+    dtype = spec.dtype if spec.dtype is not None else leaf.dtype
+    fan_in = math.prod(a_shape)
+    if spec.init == "kaiming":
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(key, (*stack_shape, *a_shape, rank), jnp.float32, -bound, bound)
+    else:
+        a = jax.random.normal(key, (*stack_shape, *a_shape, rank), jnp.float32) / rank
+    b = jnp.zeros((*stack_shape, rank, *b_shape), dtype)
+    return LoraFactors(a.astype(dtype), b, scale, layout.stack, layout.a, layout.b)
+
+
+def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[PyTree], Any] | None = None):
+    """Splits a parameter tree into a frozen tree and a small tree of what trains.
+
+    Args:
+      params: any pytree of arrays (Flax linen variables, an NNX state, a dict
+        or list of arrays).
+      spec: which leaves get adapters and which train in full.
+      key: a PRNG key for the initial ``A`` factors.
+      trace: optional function of ``params`` (for example
+        ``lambda p: model.apply(p, x)``) that is traced abstractly to read
+        how every weight is used; needed for non-2-D targets (conv,
+        ``DenseGeneral``, ``nn.scan`` stacks) and for ``"all-linear"`` to
+        mean "every weight a matmul consumes".
+
+    Returns:
+      ``(frozen, adapters)``. ``frozen`` has the structure of ``params``
+      with the original arrays, and ``None`` where a leaf trains in full.
+      ``adapters`` is a nested dict, keyed by path components, holding a
+      `LoraFactors` for each target and the array of each fully trained leaf.
+
+    Raises:
+      ValueError: a pattern matches no leaf (the message lists the nearest
+        real paths), a target is also in ``spec.train``, the rank exceeds
+        what the weight allows, a layout is ambiguous without ``trace=``, or
+        a target is not used linearly by ``trace``.
+      TypeError: ``key`` is missing or a target is not a float array.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"w1": jnp.ones((8, 16)), "w2": jnp.ones((16, 4)), "bias": jnp.zeros(4)}
+    >>> frozen, adapters = split(params, LoraSpec(rank=2, targets="w.*"), key=jax.random.key(0))
+    >>> adapters["w1"].lora_a.shape, adapters["w1"].lora_b.shape
+    ((8, 2), (2, 16))
+    """
+    if not isinstance(spec, LoraSpec):
+        raise TypeError(f"split: `spec` must be a lora_jax.LoraSpec; got {type(spec).__name__}.")
+    if key is None or not isinstance(key, jax.Array):
+        raise TypeError(
+            "split: `key` must be a JAX PRNG key for the initial A factors, e.g. key=jax.random.key(0); "
+            f"got {type(key).__name__}."
+        )
+    flat, treedef = _flatten(params)
+    if not flat:
+        raise ValueError("split: `params` has no array leaves.")
+    uses = _trace.trace_uses(trace, params) if trace is not None else None
+    paths = [p for p, _, _ in flat]
+
+    def linear(i: int, path: str, leaf: Any) -> bool:
+        if not _is_float(leaf) or leaf.ndim < 2 or _spec.is_embed_or_head(path):
+            return False
+        return _trace.is_linear_weight(uses[i]) if uses is not None else _spec.default_linear(path, leaf)
+
+    targets = []
+    for i, (path, _, leaf) in enumerate(flat):
+        if spec.uses_all_linear and linear(i, path, leaf):
+            hit = True
+        else:
+            others = spec.targets
+            if spec.uses_all_linear:
+                others = [] if isinstance(others, str) else [t for t in others if t != _spec.ALL_LINEAR]
+            hit = _spec.matches(others, path, leaf)
+        targets.append(hit and not _spec.matches(spec.exclude, path, leaf))
+    trained = [_spec.matches(spec.train, path, leaf) for path, _, leaf in flat]
+
+    _check_patterns_hit("targets", spec.targets, flat, skip_all_linear=True)
+    _check_patterns_hit("train", spec.train, flat)
+    if not any(targets):
+        raise ValueError(
+            f"split: spec.targets={spec.targets!r} selects no leaf"
+            + (f" (after exclude={spec.exclude!r})" if spec.exclude is not None else "")
+            + f". Paths look like: {_spec.nearest_paths(spec.targets, paths)}."
+        )
+
+    n_targets = sum(targets)
+    keys = iter(jax.random.split(key, n_targets))
+    frozen_leaves, entries = [], []
+    for i, ((path, parts, leaf), is_target, is_trained) in enumerate(zip(flat, targets, trained)):
+        if is_target and is_trained:
+            raise ValueError(
+                f"split: {path!r} is selected both by spec.targets (gets an adapter) and by spec.train "
+                "(trains in full); a leaf can be one or the other. Narrow one of the patterns."
+            )
+        if is_trained:
+            frozen_leaves.append(None)
+            entries.append((parts, leaf))
+            continue
+        frozen_leaves.append(leaf)
+        if not is_target:
+            continue
+        if not _is_float(leaf):
+            raise TypeError(
+                f"split: target {path!r} has dtype {getattr(leaf, 'dtype', type(leaf).__name__)}; only float "
+                "weights can be adapted. Exclude it with spec.exclude or narrow spec.targets."
+            )
+        if uses is not None:
+            layout, why = _trace.layout_from_uses(uses[i], leaf.ndim)
+            if layout is None:
+                raise ValueError(
+                    f"split: target {path!r} (shape {tuple(leaf.shape)}) cannot get a low-rank adapter: {why}. "
+                    "Adapt weights used by a matmul, einsum, conv or embedding lookup."
+                )
+        else:
+            layout = _layout_without_trace(path, leaf)
+        rank = spec.rank_for(path)
+        a_size = math.prod(leaf.shape[i] for i in layout.a)
+        b_size = math.prod(leaf.shape[i] for i in layout.b)
+        if rank > min(a_size, b_size):
+            raise ValueError(
+                f"split: rank {rank} is larger than target {path!r} allows: its in side has {a_size} and its "
+                f"out side {b_size} entries (shape {tuple(leaf.shape)}), so rank must be <= {min(a_size, b_size)}. "
+                "Lower spec.rank or set a smaller rank for it in spec.rank_pattern."
+            )
+        entries.append((parts, _init_factors(next(keys), leaf, layout, rank, spec.scale_for(path), spec)))
+    frozen = jax.tree_util.tree_unflatten(treedef, frozen_leaves)
+    return frozen, _nest(iter(entries))
+
+
+def _check_patterns_hit(name: str, filt: Any, flat: list, *, skip_all_linear: bool = False) -> None:
+    if filt is None or callable(filt):
+        return
+    patterns = [filt] if isinstance(filt, str) else list(filt)
+    paths = [p for p, _, _ in flat]
+    for pattern in patterns:
+        if skip_all_linear and pattern == _spec.ALL_LINEAR:
+            continue
+        if not any(_spec.matches(pattern, p, x) for p, _, x in flat):
+            raise ValueError(
+                f"split: spec.{name} pattern {pattern!r} matches no leaf (patterns are matched with re.fullmatch "
+                f"against '/'-joined paths). Nearest paths: {_spec.nearest_paths(pattern, paths)}."
+            )
+
+
+def combine(frozen: PyTree, adapters: PyTree, fn: Callable[[str, Any, LoraFactors], Any], *, caller: str):
+    """Rebuilds the params tree: ``fn(path, W, factors)`` at each target, the
+    adapter's array at each fully trained leaf, the frozen leaf elsewhere.
+
+    Checks that every adapter has a home in ``frozen`` of the right shape.
+    """
+    entries = adapter_entries(adapters)
+    flat, treedef = _flatten(frozen, is_leaf=lambda x: x is None)
+    leaves, seen = [], set()
+    for path, _, leaf in flat:
+        entry = entries.get(path)
+        if entry is None:
+            leaves.append(leaf)
+            continue
+        seen.add(path)
+        if isinstance(entry, LoraFactors):
+            _check_factors(caller, path, leaf, entry)
+            leaves.append(fn(path, leaf, entry))
+        else:
+            if leaf is not None and (np.shape(leaf) != np.shape(entry)):
+                raise ValueError(
+                    f"{caller}: the adapter tree's fully trained leaf {path!r} has shape {np.shape(entry)} but "
+                    f"frozen has shape {np.shape(leaf)} there; these adapters do not belong to these params."
+                )
+            leaves.append(entry)
+    missing = sorted(set(entries) - seen)
+    if missing:
+        raise ValueError(
+            f"{caller}: adapters at {missing[:5]} have no matching leaf in `frozen` "
+            f"(frozen paths look like {_spec.nearest_paths(missing[0], [p for p, _, _ in flat])}); "
+            "these adapters do not belong to these frozen params. Use the pair returned by one lora_jax.split."
+        )
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _check_factors(caller: str, path: str, w: Any, f: LoraFactors) -> None:
+    if w is None or not hasattr(w, "shape"):
+        raise ValueError(f"{caller}: adapter {path!r} has no frozen weight in `frozen` (found {w!r}).")
+    shape = tuple(w.shape)
+    axes = (*f.stack_axes, *f.a_axes, *f.b_axes)
+    ok = sorted(axes) == list(range(len(shape)))
+    if ok:
+        r = f.lora_a.shape[-1] if f.lora_a.ndim else -1
+        want_a = (*(shape[i] for i in f.stack_axes), *(shape[i] for i in f.a_axes), r)
+        want_b = (*(shape[i] for i in f.stack_axes), r, *(shape[i] for i in f.b_axes))
+        ok = tuple(f.lora_a.shape) == want_a and tuple(f.lora_b.shape) == want_b
+    if not ok:
+        raise ValueError(
+            f"{caller}: adapter {path!r} has lora_a {tuple(f.lora_a.shape)} and lora_b {tuple(f.lora_b.shape)}, "
+            f"which do not fit the frozen weight of shape {shape}; these adapters do not belong to these "
+            "frozen params. Use the pair returned by one lora_jax.split."
+        )
+
+
+def merge(frozen: PyTree, adapters: PyTree) -> PyTree:
+    """Folds the adapters back in: ``W + s·A@B`` at every target.
+
+    Args:
+      frozen: the frozen tree from `split` (or the original params).
+      adapters: the adapter tree from `split`, trained or not.
+
+    Returns:
+      A tree with the structure and dtypes of the original params.
+
+    Raises:
+      ValueError: if the adapters do not belong to ``frozen``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"w": jnp.ones((4, 4))}
+    >>> frozen, adapters = split(params, LoraSpec(rank=2, targets="w"), key=jax.random.key(0))
+    >>> bool((merge(frozen, adapters)["w"] == params["w"]).all())  # B starts at zero
+    True
+    """
+
+    def fold(path: str, w: jax.Array, f: LoraFactors) -> jax.Array:
+        dtype = jnp.promote_types(jnp.promote_types(w.dtype, f.lora_a.dtype), jnp.float32)
+        return (w.astype(dtype) + f.delta(dtype)).astype(w.dtype)
+
+    return combine(frozen, adapters, fold, caller="merge")
+
+
+def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
+    """Inverse of `merge` on the adapted weights: ``W - s·A@B`` at every target.
+
+    Fully trained leaves are left as they are in ``params``. Exact up to
+    floating-point rounding (in low precision, keep the original frozen
+    tree rather than relying on this).
+
+    >>> import jax, jax.numpy as jnp
+    >>> frozen, adapters = split({"w": jnp.ones((4, 4))}, LoraSpec(rank=2, targets="w"), key=jax.random.key(0))
+    >>> unmerge(merge(frozen, adapters), adapters)["w"].shape
+    (4, 4)
+    """
+    targets = {p: x for p, x in adapter_entries(adapters).items() if isinstance(x, LoraFactors)}
+
+    def unfold(path: str, w: jax.Array, f: LoraFactors) -> jax.Array:
+        dtype = jnp.promote_types(jnp.promote_types(w.dtype, f.lora_a.dtype), jnp.float32)
+        return (w.astype(dtype) - f.delta(dtype)).astype(w.dtype)
+
+    return combine(params, _nest((tuple(p.split("/")), x) for p, x in targets.items()), unfold, caller="unmerge")
