@@ -12,13 +12,13 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PathFilter = Union[str, Sequence[str], Callable[[str, Any], bool], None]
+PathFilter = str | Sequence[str] | Callable[[str, Any], bool] | None
 """A regex (``re.fullmatch`` on the path), a list of regexes (any matches),
 a callable ``(path, leaf) -> bool``, or ``None`` (matches nothing)."""
 
@@ -205,6 +205,8 @@ def is_embed_or_head(path: str) -> bool:
 
 def nearest_paths(pattern: Any, paths: Sequence[str], n: int = 5) -> list[str]:
     """Real paths closest to a pattern that matched nothing (for error messages)."""
+    if callable(pattern):
+        return list(paths[:n])
     text = pattern if isinstance(pattern, str) else " ".join(map(str, pattern))
     close = difflib.get_close_matches(text, paths, n=n, cutoff=0.0)
     return close or list(paths[:n])

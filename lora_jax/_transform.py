@@ -564,15 +564,24 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             hash(cache_key)
         except TypeError:
             cache_key = None
-        hit = cache.get(cache_key) if cache_key is not None else None
-        if hit is None:
+        run = cache.get(cache_key) if cache_key is not None else None
+        if run is None:
             closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, dyn_leaves)
-            hit = (closed, jax.tree_util.tree_structure(out_shape))
+            out_tree = jax.tree_util.tree_structure(out_shape)
+
+            def run(values, dyn):
+                interp = _Interpreter(strict)
+                outs = interp.eval(closed.jaxpr, closed.consts, [*values, *dyn])
+                outs = interp.materialize_all(outs, "the function's output (it returns the weight itself)")
+                return jax.tree_util.tree_unflatten(out_tree, outs)
+
+            # Compiled once per input signature, so eager calls run at jit speed;
+            # under an outer transform it is just a nested jit.
             if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
-                if len(cache) > 32:
+                run = jax.jit(run)
+                if len(cache) >= 32:
                     cache.clear()
-                cache[cache_key] = hit
-        closed, out_tree = hit
+                cache[cache_key] = run
 
         values: list[Any] = []
         for path, _, leaf in flat:
@@ -582,9 +591,6 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             else:
                 meta = _Meta(f.scale, f.stack_axes, f.a_axes, f.b_axes, path)
                 values.append(Factored(leaf, f.lora_a, f.lora_b, meta))
-        interp = _Interpreter(strict)
-        outs = interp.eval(closed.jaxpr, closed.consts, [*values, *dyn_leaves])
-        outs = interp.materialize_all(outs, "the function's output (it returns the weight itself)")
-        return jax.tree_util.tree_unflatten(out_tree, outs)
+        return run(values, dyn_leaves)
 
     return wrapped
