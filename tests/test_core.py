@@ -182,7 +182,7 @@ def test_vmap_over_adapters():
     x = args[0][:3]
     out = jax.vmap(lambda ad, xi: lora.wrap(fn)(frozen, ad, xi[None])[0])(stack, x)
     for i in range(3):
-        ad = jax.tree.map(lambda s: s[i], stack)
+        ad = jax.tree.map(lambda s, i=i: s[i], stack)
         np.testing.assert_allclose(out[i], fn(lora.merge(frozen, ad), x[i : i + 1])[0], rtol=2e-5, atol=2e-5)
 
 
