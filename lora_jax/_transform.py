@@ -32,7 +32,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from lora_jax import _tree
-from lora_jax._tree import LoraFactors, low_rank_delta
+from lora_jax._tree import LoraFactors, add_delta
 
 
 class MaterializationWarning(UserWarning):
@@ -88,9 +88,7 @@ class Factored:
 
     def full(self) -> jax.Array:
         m = self.meta
-        dtype = jnp.promote_types(jnp.promote_types(self.w.dtype, self.a.dtype), jnp.float32)
-        delta = low_rank_delta(self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes, dtype)
-        return (self.w.astype(dtype) + delta).astype(self.w.dtype)
+        return add_delta(self.w, self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes)
 
 
 def _renumber(axes: Sequence[int], removed: Sequence[int]) -> tuple[int, ...]:

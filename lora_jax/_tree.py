@@ -64,6 +64,17 @@ def low_rank_delta(a, b, scale, stack, a_axes, b_axes, dtype=None) -> jax.Array:
     return d * jnp.asarray(scale, d.dtype)
 
 
+def add_delta(w, a, b, scale, stack, a_axes, b_axes, *, sign: float = 1.0) -> jax.Array:
+    """``W ± scale·A@B``, computed in at least float32 and returned in ``W``'s dtype."""
+    dtype = jnp.promote_types(jnp.promote_types(w.dtype, a.dtype), jnp.float32)
+    delta = low_rank_delta(a, b, scale, stack, a_axes, b_axes, dtype)
+    return (w.astype(dtype) + sign * delta).astype(w.dtype)
+
+
+def _fold(w: jax.Array, f: LoraFactors, sign: float) -> jax.Array:
+    return add_delta(w, f.lora_a, f.lora_b, f.scale, f.stack_axes, f.a_axes, f.b_axes, sign=sign)
+
+
 def _flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(_spec.path_to_str(p), _components(p), x) for p, x in flat], treedef
@@ -261,9 +272,17 @@ def _check_patterns_hit(name: str, filt: Any, flat: list, *, skip_all_linear: bo
             )
 
 
-def combine(frozen: PyTree, adapters: PyTree, fn: Callable[[str, Any, LoraFactors], Any], *, caller: str):
+def combine(
+    frozen: PyTree,
+    adapters: PyTree,
+    fn: Callable[[str, Any, LoraFactors], Any],
+    *,
+    caller: str,
+    keep_trained: bool = False,
+):
     """Rebuilds the params tree: ``fn(path, W, factors)`` at each target, the
-    adapter's array at each fully trained leaf, the frozen leaf elsewhere.
+    adapter's array at each fully trained leaf (or the leaf of ``frozen``
+    with ``keep_trained``), the frozen leaf elsewhere.
 
     Checks that every adapter has a home in ``frozen`` of the right shape.
     """
@@ -285,7 +304,7 @@ def combine(frozen: PyTree, adapters: PyTree, fn: Callable[[str, Any, LoraFactor
                     f"{caller}: the adapter tree's fully trained leaf {path!r} has shape {np.shape(entry)} but "
                     f"frozen has shape {np.shape(leaf)} there; these adapters do not belong to these params."
                 )
-            leaves.append(entry)
+            leaves.append(leaf if keep_trained else entry)
     missing = sorted(set(entries) - seen)
     if missing:
         raise ValueError(
@@ -334,12 +353,7 @@ def merge(frozen: PyTree, adapters: PyTree) -> PyTree:
     >>> bool((merge(frozen, adapters)["w"] == params["w"]).all())  # B starts at zero
     True
     """
-
-    def fold(path: str, w: jax.Array, f: LoraFactors) -> jax.Array:
-        dtype = jnp.promote_types(jnp.promote_types(w.dtype, f.lora_a.dtype), jnp.float32)
-        return (w.astype(dtype) + f.delta(dtype)).astype(w.dtype)
-
-    return combine(frozen, adapters, fold, caller="merge")
+    return combine(frozen, adapters, lambda path, w, f: _fold(w, f, 1.0), caller="merge")
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
@@ -354,10 +368,4 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     >>> unmerge(merge(frozen, adapters), adapters)["w"].shape
     (4, 4)
     """
-    targets = {p: x for p, x in adapter_entries(adapters).items() if isinstance(x, LoraFactors)}
-
-    def unfold(path: str, w: jax.Array, f: LoraFactors) -> jax.Array:
-        dtype = jnp.promote_types(jnp.promote_types(w.dtype, f.lora_a.dtype), jnp.float32)
-        return (w.astype(dtype) - f.delta(dtype)).astype(w.dtype)
-
-    return combine(params, _nest((tuple(p.split("/")), x) for p, x in targets.items()), unfold, caller="unmerge")
+    return combine(params, adapters, lambda path, w, f: _fold(w, f, -1.0), caller="unmerge", keep_trained=True)
