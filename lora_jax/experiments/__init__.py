@@ -1,0 +1,1 @@
+"""Experiment support: offline datasets (:mod:`lora_jax.experiments.data`)."""
