@@ -57,6 +57,10 @@ def _case(name):
     if name == "control-flow":
         params, x = M.control_flow_params(k1), jax.random.normal(k2, (3, 6))
         return M.control_flow_fn, params, (x,), lora.LoraSpec(rank=2, targets="all-linear"), True
+    if name == "batched-einsum":
+        params = {"stack": jax.random.normal(k1, (3, 8, 5)) * 0.3}
+        fn = lambda p, x: jnp.einsum("lbi,lio->lbo", x, p["stack"])
+        return fn, params, (jax.random.normal(k2, (3, 2, 8)),), lora.LoraSpec(rank=2, targets="stack"), True
     if name == "stacked-loop":
         params = {"stack": jax.random.normal(k1, (3, 8, 8)) * 0.3}
         return M.stacked_loop_fn, params, (jnp.ones((2, 8)),), lora.LoraSpec(rank=2, targets="stack"), True
@@ -76,6 +80,7 @@ CASES = [
     "remat",
     "control-flow",
     "stacked-loop",
+    "batched-einsum",
 ]
 
 
