@@ -567,19 +567,23 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, dyn_leaves)
             out_tree = jax.tree_util.tree_structure(out_shape)
 
-            def run(values, dyn):
+            def run(values, dyn, consts):
                 interp = _Interpreter(strict)
-                outs = interp.eval(closed.jaxpr, closed.consts, [*values, *dyn])
+                outs = interp.eval(closed.jaxpr, consts, [*values, *dyn])
                 outs = interp.materialize_all(outs, "the function's output (it returns the weight itself)")
                 return jax.tree_util.tree_unflatten(out_tree, outs)
 
             # Compiled once per input signature, so eager calls run at jit speed;
-            # under an outer transform it is just a nested jit.
+            # under an outer transform it is just a nested jit. Constants the
+            # function closes over are passed as arguments rather than baked
+            # into the program.
             if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
-                run = jax.jit(run)
+                run = functools.partial(jax.jit(run), consts=closed.consts)
                 if len(cache) >= 32:
                     cache.clear()
                 cache[cache_key] = run
+            else:
+                run = functools.partial(run, consts=closed.consts)
 
         values: list[Any] = []
         for path, _, leaf in flat:
