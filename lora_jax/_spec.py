@@ -128,6 +128,9 @@ class LoraSpec:
       init: distribution of ``A``: ``"kaiming"`` (uniform, bound
         ``1/sqrt(fan_in)``, PEFT's default) or ``"gaussian"`` (std ``1/rank``).
       dtype: dtype of the adapter factors; ``None`` keeps each weight's dtype.
+      dropout: probability of dropping an input of the low-rank path
+        (``s·B(A·dropout(x))``, as PEFT's ``lora_dropout``). It acts only when
+        the wrapped function is called with ``lora_dropout_key=``.
 
     Raises:
       ValueError: for a non-positive rank or alpha, or an invalid regex.
@@ -152,6 +155,7 @@ class LoraSpec:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     init: Init = "kaiming"
     dtype: Any = None
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name, r in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
@@ -166,6 +170,8 @@ class LoraSpec:
         for name in ("rank_pattern", "alpha_pattern"):
             for regex in getattr(self, name):
                 _check_filter(name, regex)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be a probability in [0, 1); got {self.dropout!r}.")
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"LoraSpec.init must be 'kaiming' or 'gaussian'; got {self.init!r}.")
 

@@ -20,6 +20,7 @@ with factored values passed through as pytrees. Anything else forms
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -50,6 +51,7 @@ class _Meta:
     a_axes: tuple[int, ...]
     b_axes: tuple[int, ...]
     path: str
+    dropout: float = 0.0
 
 
 @jax.tree_util.register_pytree_node_class
@@ -96,9 +98,32 @@ def _renumber(axes: Sequence[int], removed: Sequence[int]) -> tuple[int, ...]:
 
 
 class _Interpreter:
-    def __init__(self, strict: bool):
+    def __init__(self, strict: bool, dropout_key: jax.Array | None = None):
         self.strict = strict
         self.warned: set[tuple[str, str]] = set()
+        self.dropout_key = dropout_key
+        self.dropout_uses = 0
+
+    def dropout(self, x: jax.Array, rate: float) -> jax.Array:
+        """Inverted dropout on the input of a low-rank path (identity without a key)."""
+        if self.dropout_key is None or rate == 0.0:
+            return x
+        # One key per use site; inside a scan the key itself differs per
+        # iteration (see `_scan`), so every layer of a stack gets its own mask.
+        key = jax.random.fold_in(self.dropout_key, self.dropout_uses)
+        self.dropout_uses += 1
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+    @contextlib.contextmanager
+    def keyed(self, key: jax.Array | None):
+        """Evaluates a body with its own dropout key and use counter."""
+        saved = self.dropout_key, self.dropout_uses
+        self.dropout_key, self.dropout_uses = key, 0
+        try:
+            yield
+        finally:
+            self.dropout_key, self.dropout_uses = saved
 
     # -- materialisation ------------------------------------------------------------------
     def materialize(self, value: Any, why: str) -> Any:
@@ -291,7 +316,7 @@ def _dot_general(interp, eqn, invals):
         first_r, second_r = len(m.stack), a.ndim - 1
     nb = len(xb)
     dims1 = (([xi for xi, _ in c1], [first_pos(wi) for _, wi in c1]), (list(xb), [first_pos(w) for w in fb]))
-    t = jax.lax.dot_general(x, first, dims1, precision=precision)
+    t = jax.lax.dot_general(interp.dropout(x, m.dropout), first, dims1, precision=precision)
     x_free = [i for i in range(x.ndim) if i not in xb and i not in [xi for xi, _ in c1]]
     first_used = {first_pos(wi) for _, wi in c1} | {first_pos(w) for w in fb}
     first_free = [i for i in range(first.ndim) if i not in first_used]
@@ -346,7 +371,7 @@ def _conv(interp, eqn, invals):
     # A as a kernel with W's axis order and `rank` output channels.
     kernel = jnp.transpose(a, [a.ndim - 1 if i == out_dim else f.a_pos(i) for i in range(f.w.ndim)])
     params = dict(p, preferred_element_type=None)
-    t = jax.lax.conv_general_dilated_p.bind(x, kernel, **params)
+    t = jax.lax.conv_general_dilated_p.bind(interp.dropout(x, m.dropout), kernel, **params)
     t = t * jnp.asarray(m.scale, t.dtype)
     channel = p["dimension_numbers"].out_spec[1]
     u = jax.lax.dot_general(t, b, (((channel,), (0,)), ((), ())), precision=p.get("precision"))
@@ -425,12 +450,19 @@ def _scan(interp, eqn, invals):
     init = interp.materialize_all(invals[nc : nc + ncarry], "a scan carry")
     xs = [_sliceable(interp, x) for x in invals[nc + ncarry :]]
 
+    keys = None
+    if interp.dropout_key is not None:
+        keys = jax.random.split(jax.random.fold_in(interp.dropout_key, interp.dropout_uses), p["length"])
+        interp.dropout_uses += 1
+
     def body(carry, x):
-        outs = interp.eval_closed(p["jaxpr"], [*consts, *carry, *x])
+        x, key = x
+        with interp.keyed(key if keys is not None else interp.dropout_key):
+            outs = interp.eval_closed(p["jaxpr"], [*consts, *carry, *x])
         outs = interp.materialize_all(outs, "the output of a scan body")
         return outs[:ncarry], outs[ncarry:]
 
-    carry, ys = jax.lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    carry, ys = jax.lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
     return [*carry, *ys]
 
 
@@ -516,7 +548,10 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
         weight is used in a way that forces ``W + s·A@B`` to be formed.
 
     Returns:
-      ``wrapped(frozen, adapters, *args, **kwargs)`` with ``apply_fn``'s outputs.
+      ``wrapped(frozen, adapters, *args, lora_dropout_key=None, **kwargs)``
+      with ``apply_fn``'s outputs. ``lora_dropout_key`` (a PRNG key) turns on
+      the dropout of adapters whose spec set ``dropout > 0``: pass one while
+      training, none to evaluate. Dropout acts on the low-rank path only.
 
     Raises:
       ValueError: (when called) the adapters do not belong to ``frozen``;
@@ -535,7 +570,9 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
     cache: dict[Any, Any] = {}
 
     @functools.wraps(apply_fn)
-    def wrapped(frozen: Any, adapters: Any, *args: Any, **kwargs: Any) -> Any:
+    def wrapped(
+        frozen: Any, adapters: Any, *args: Any, lora_dropout_key: jax.Array | None = None, **kwargs: Any
+    ) -> Any:
         factors: dict[str, LoraFactors] = {}
 
         def keep_w(path, w, f):
@@ -567,8 +604,8 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, dyn_leaves)
             out_tree = jax.tree_util.tree_structure(out_shape)
 
-            def run(values, dyn, consts):
-                interp = _Interpreter(strict)
+            def run(values, dyn, dropout_key, consts):
+                interp = _Interpreter(strict, dropout_key)
                 outs = interp.eval(closed.jaxpr, consts, [*values, *dyn])
                 outs = interp.materialize_all(outs, "the function's output (it returns the weight itself)")
                 return jax.tree_util.tree_unflatten(out_tree, outs)
@@ -591,8 +628,8 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             if f is None:
                 values.append(leaf)
             else:
-                meta = _Meta(f.scale, f.stack_axes, f.a_axes, f.b_axes, path)
+                meta = _Meta(f.scale, f.stack_axes, f.a_axes, f.b_axes, path, f.dropout)
                 values.append(Factored(leaf, f.lora_a, f.lora_b, meta))
-        return run(values, dyn_leaves)
+        return run(values, dyn_leaves, lora_dropout_key)
 
     return wrapped

@@ -43,6 +43,7 @@ class LoraFactors:
     stack_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     a_axes: tuple[int, ...] = dataclasses.field(default=(0,), metadata=dict(static=True))
     b_axes: tuple[int, ...] = dataclasses.field(default=(1,), metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
@@ -138,7 +139,7 @@ def _init_factors(key, leaf, layout: Layout, rank: int, scale: float, spec: Lora
     else:
         a = jax.random.normal(key, (*stack_shape, *a_shape, rank), jnp.float32) / rank
     b = jnp.zeros((*stack_shape, rank, *b_shape), dtype)
-    return LoraFactors(a.astype(dtype), b, scale, layout.stack, layout.a, layout.b)
+    return LoraFactors(a.astype(dtype), b, scale, layout.stack, layout.a, layout.b, float(spec.dropout))
 
 
 def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[PyTree], Any] | None = None):

@@ -1,5 +1,6 @@
 """split / merge / wrap against an independent reference: apply(merge(...))."""
 
+import dataclasses
 import pickle
 
 import jax
@@ -447,3 +448,56 @@ def test_error_adapters_from_other_params():
         lora.merge(frozen, [1, 2])
     with pytest.raises(TypeError, match="must be callable"):
         lora.wrap(3)
+
+
+# -- dropout on the low-rank path ---------------------------------------------------------
+
+
+def test_dropout_only_with_a_key_and_unbiased():
+    params = {"w": jax.random.normal(KEY, (6, 5))}
+    fn = lambda p, x: x @ p["w"]
+    frozen, adapters = lora.split(params, lora.LoraSpec(rank=2, targets="w", dropout=0.5), key=KEY)
+    adapters = _randomize(adapters)
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    wrapped = lora.wrap(fn, strict=True)
+    ref = fn(lora.merge(frozen, adapters), x)
+    np.testing.assert_allclose(wrapped(frozen, adapters, x), ref, rtol=1e-5)  # no key: evaluation
+    k1, k2 = jax.random.key(7), jax.random.key(8)
+    y1 = wrapped(frozen, adapters, x, lora_dropout_key=k1)
+    assert not np.allclose(y1, ref, atol=1e-4)
+    np.testing.assert_array_equal(y1, wrapped(frozen, adapters, x, lora_dropout_key=k1))
+    assert not np.allclose(y1, wrapped(frozen, adapters, x, lora_dropout_key=k2))
+    # The frozen path is never dropped: with B = 0 the output is the base model's.
+    zero_b = jax.tree.map(lambda f: f, adapters)
+    zero_b["w"] = lora.LoraFactors(adapters["w"].lora_a, 0 * adapters["w"].lora_b, adapters["w"].scale, dropout=0.5)
+    np.testing.assert_allclose(wrapped(frozen, zero_b, x, lora_dropout_key=k1), fn(params, x), rtol=1e-6)
+    # Inverted dropout is unbiased, and the low-rank path is linear in the mask.
+    keys = jax.random.split(jax.random.key(9), 4000)
+    mean = jax.vmap(lambda k: wrapped(frozen, adapters, x, lora_dropout_key=k))(keys).mean(0)
+    delta = ref - fn(params, x)
+    assert np.abs(mean - ref).max() < 0.1 * np.abs(delta).max()
+
+
+def test_dropout_masks_differ_across_scan_layers():
+    # Every layer of the stack has the same weight and adapter and sees the same input,
+    # so the layers' outputs differ only if their dropout masks do.
+    fn = lambda p, x: jax.lax.scan(lambda c, w: (c, c @ w), x, p["stack"])[1]
+    w = jax.random.normal(KEY, (6, 6))
+    params = {"stack": jnp.stack([w, w, w])}
+    x = jnp.ones((2, 6))
+    spec = lora.LoraSpec(rank=2, targets="stack", dropout=0.5)
+    frozen, adapters = lora.split(params, spec, key=KEY, trace=lambda p: fn(p, x))
+    f = adapters["stack"]
+    adapters["stack"] = dataclasses.replace(
+        f, lora_a=jnp.broadcast_to(f.lora_a[:1], f.lora_a.shape), lora_b=jnp.ones_like(f.lora_b)
+    )
+    wrapped = lora.wrap(fn, strict=True)
+    plain = wrapped(frozen, adapters, x)
+    np.testing.assert_allclose(plain[0], plain[1], rtol=1e-6)
+    dropped = wrapped(frozen, adapters, x, lora_dropout_key=jax.random.key(3))
+    assert not np.allclose(dropped[0], dropped[1]) and not np.allclose(dropped[1], dropped[2])
+
+
+def test_error_bad_dropout():
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        lora.LoraSpec(dropout=1.0)
