@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from lora_jax import _tree
 from lora_jax._tree import LoraFactors, add_delta
@@ -316,10 +318,14 @@ def _dot_general(interp, eqn, invals):
         first_r, second_r = len(m.stack), a.ndim - 1
     nb = len(xb)
     dims1 = (([xi for xi, _ in c1], [first_pos(wi) for _, wi in c1]), (list(xb), [first_pos(w) for w in fb]))
-    t = jax.lax.dot_general(interp.dropout(x, m.dropout), first, dims1, precision=precision)
     x_free = [i for i in range(x.ndim) if i not in xb and i not in [xi for xi, _ in c1]]
     first_used = {first_pos(wi) for _, wi in c1} | {first_pos(w) for w in fb}
     first_free = [i for i in range(first.ndim) if i not in first_used]
+    x_spec = _explicit_spec(x)
+    # With explicit mesh axes JAX asks for the output sharding of a contraction
+    # over sharded axes: keep x's sharding on its free axes, replicate the rest.
+    t_sharding = None if x_spec is None else P(*[x_spec[i] for i in (*xb, *x_free)], *[None] * len(first_free))
+    t = jax.lax.dot_general(interp.dropout(x, m.dropout), first, dims1, precision=precision, out_sharding=t_sharding)
     t_pos_x = {xi: nb + k for k, xi in enumerate(x_free)}
     t_r = nb + len(x_free) + first_free.index(first_r)
     t = t * jnp.asarray(m.scale, t.dtype)
@@ -327,7 +333,6 @@ def _dot_general(interp, eqn, invals):
         ([t_pos_x[xi] for xi, _ in c2] + [t_r], [second_pos(wi) for _, wi in c2] + [second_r]),
         (list(range(nb)), [second_pos(w) for w in fb]),
     )
-    u = jax.lax.dot_general(t, second, dims2, precision=precision, preferred_element_type=pref)
     # Label u's axes, then put them in dot_general's output order.
     w_of_first = _w_axis_of(f, first is a)
     w_of_second = _w_axis_of(f, first is not a)
@@ -340,8 +345,23 @@ def _dot_general(interp, eqn, invals):
     x_out = [("x", i) for i in range(x.ndim) if i not in xb and i not in xc]
     w_out = [("w", i) for i in range(f.w.ndim) if i not in fb and i not in fc]
     target = [("batch", k) for k in range(nb)] + (w_out + x_out if f_is_lhs else x_out + w_out)
+    base_spec = _explicit_spec(base)
+    u_sharding = None if base_spec is None else P(*[base_spec[target.index(lab)] for lab in labels])
+    u = jax.lax.dot_general(t, second, dims2, precision=precision, preferred_element_type=pref, out_sharding=u_sharding)
     u = jnp.transpose(u, [labels.index(lab) for lab in target])
     return base + u.astype(base.dtype)
+
+
+def _explicit_spec(x: Any) -> tuple | None:
+    """``x``'s partition spec, one entry per axis, if it lives on a mesh with explicit axes."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True):
+        return None
+    if not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
 
 
 def _w_axis_of(f: Factored, of_a: bool) -> dict[int, int | None]:
