@@ -8,21 +8,41 @@ import pytest
 
 import lora_jax
 
-CORE_MODULES = ["lora_jax._spec", "lora_jax._tree", "lora_jax._trace", "lora_jax._transform"]
+MODULES = [
+    "lora_jax._spec",
+    "lora_jax._tree",
+    "lora_jax._trace",
+    "lora_jax._transform",
+    "lora_jax.optim",
+    "lora_jax.sharding",
+    "lora_jax.models.llama",
+    "lora_jax.models.loaders",
+    "lora_jax.models.tokenizer",
+    "lora_jax.models.generate",
+    "lora_jax.experiments.data",
+]
 
 
-@pytest.mark.parametrize("name", lora_jax.__all__)
-def test_exported_name_has_docstring(name):
-    obj = getattr(lora_jax, name)
+PUBLIC = ["lora_jax", "lora_jax.optim", "lora_jax.sharding", "lora_jax.models", "lora_jax.experiments.data"]
+NAMES = [(m, n) for m in PUBLIC for n in getattr(importlib.import_module(m), "__all__", [])]
+
+
+def test_every_public_module_declares_all():
+    assert all(hasattr(importlib.import_module(m), "__all__") for m in PUBLIC)
+
+
+@pytest.mark.parametrize("module,name", NAMES, ids=[f"{m}.{n}" for m, n in NAMES])
+def test_exported_name_has_docstring(module, name):
+    obj = getattr(importlib.import_module(module), name)
     if isinstance(obj, str):  # constants are documented where they are defined
         return
     doc = inspect.getdoc(obj)
-    assert doc and len(doc) > 40, f"lora_jax.{name} needs a docstring"
+    assert doc and len(doc) > 40, f"{module}.{name} needs a docstring"
     if inspect.isfunction(obj):
-        assert ">>>" in doc, f"lora_jax.{name} needs a short example"
+        assert ">>>" in doc, f"{module}.{name} needs a short example"
 
 
-@pytest.mark.parametrize("module", CORE_MODULES)
+@pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
