@@ -32,6 +32,11 @@ def test_step_time_benchmark_runs_tiny(mode):
     assert record["trainable"] < record["params"] or mode == "full"
 
 
+def test_llama_flops_benchmark_runs_tiny():
+    record = _run_script(ROOT / "benchmarks" / "flops.py", "--model", "tiny", "--seq", "32", "--batch", "2")
+    assert record["lora_gflops"] < record["full_gflops"]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebook_executes(path):
     nb = nbformat.read(path, as_version=4)
