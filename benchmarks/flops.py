@@ -71,8 +71,8 @@ def main(argv=None):
         "params": n_params,
         "trainable": n_train,
         "tokens": args.batch * args.seq,
-        "full_gflops": round(full / 1e9, 1),
-        "lora_gflops": round(via_wrap / 1e9, 1),
+        "full_gflops": round(full / 1e9, 3),
+        "lora_gflops": round(via_wrap / 1e9, 3),
         "lora_over_full": round(via_wrap / full, 3),
     }
     print(json.dumps(record))

@@ -34,7 +34,7 @@ def test_step_time_benchmark_runs_tiny(mode):
 
 def test_llama_flops_benchmark_runs_tiny():
     record = _run_script(ROOT / "benchmarks" / "flops.py", "--model", "tiny", "--seq", "32", "--batch", "2")
-    assert record["lora_gflops"] < record["full_gflops"]
+    assert record["lora_over_full"] < 1.0
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
