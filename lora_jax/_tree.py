@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -126,20 +127,29 @@ def _layout_without_trace(path: str, leaf: Any) -> Layout:
     )
 
 
-def _init_factors(key, leaf, layout: Layout, rank: int, scale: float, spec: LoraSpec) -> LoraFactors:
+def _factor_plan(leaf, layout: Layout, rank: int, spec: LoraSpec) -> tuple:
+    """Static description of one target's factors: shapes, dtype and init of ``A``."""
     shape = leaf.shape
     stack_shape = tuple(shape[i] for i in layout.stack)
     a_shape = tuple(shape[i] for i in layout.a)
     b_shape = tuple(shape[i] for i in layout.b)
-    dtype = spec.dtype if spec.dtype is not None else leaf.dtype
-    fan_in = math.prod(a_shape)
-    if spec.init == "kaiming":
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(key, (*stack_shape, *a_shape, rank), jnp.float32, -bound, bound)
-    else:
-        a = jax.random.normal(key, (*stack_shape, *a_shape, rank), jnp.float32) / rank
-    b = jnp.zeros((*stack_shape, rank, *b_shape), dtype)
-    return LoraFactors(a.astype(dtype), b, scale, layout.stack, layout.a, layout.b, float(spec.dropout))
+    dtype = jnp.dtype(spec.dtype if spec.dtype is not None else leaf.dtype)
+    return (*stack_shape, *a_shape, rank), (*stack_shape, rank, *b_shape), dtype, spec.init, math.prod(a_shape)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw_factors(keys: jax.Array, plans: tuple) -> list[tuple[jax.Array, jax.Array]]:
+    # One program draws every target's A (and zero B), rather than one small
+    # compiled program per target shape.
+    out = []
+    for key, (a_shape, b_shape, dtype, init, fan_in) in zip(keys, plans):
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+        else:
+            a = jax.random.normal(key, a_shape, jnp.float32) / a_shape[-1]
+        out.append((a.astype(dtype), jnp.zeros(b_shape, dtype)))
+    return out
 
 
 def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[PyTree], Any] | None = None):
@@ -214,9 +224,7 @@ def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[Py
             + f". Paths look like: {_spec.nearest_paths(spec.targets, paths)}."
         )
 
-    n_targets = sum(targets)
-    keys = iter(jax.random.split(key, n_targets))
-    frozen_leaves, entries = [], []
+    frozen_leaves, entries, plans = [], [], []
     for i, ((path, parts, leaf), is_target, is_trained) in enumerate(zip(flat, targets, trained)):
         if is_target and is_trained:
             raise ValueError(
@@ -253,7 +261,13 @@ def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[Py
                 f"out side {b_size} entries (shape {tuple(leaf.shape)}), so rank must be <= {min(a_size, b_size)}. "
                 "Lower spec.rank or set a smaller rank for it in spec.rank_pattern."
             )
-        entries.append((parts, _init_factors(next(keys), leaf, layout, rank, spec.scale_for(path), spec)))
+        plans.append(_factor_plan(leaf, layout, rank, spec))
+        entries.append((parts, (layout, spec.scale_for(path))))
+    drawn = iter(_draw_factors(jax.random.split(key, len(plans)), tuple(plans)))
+    for i, (parts, entry) in enumerate(entries):
+        if isinstance(entry, tuple):
+            (layout, scale), (a, b) = entry, next(drawn)
+            entries[i] = (parts, LoraFactors(a, b, scale, layout.stack, layout.a, layout.b, float(spec.dropout)))
     frozen = jax.tree_util.tree_unflatten(treedef, frozen_leaves)
     return frozen, _nest(iter(entries))
 
