@@ -20,10 +20,18 @@ MODULES = [
     "lora_jax.models.tokenizer",
     "lora_jax.models.generate",
     "lora_jax.experiments.data",
+    "lora_jax.experiments.study",
 ]
 
 
-PUBLIC = ["lora_jax", "lora_jax.optim", "lora_jax.sharding", "lora_jax.models", "lora_jax.experiments.data"]
+PUBLIC = [
+    "lora_jax",
+    "lora_jax.optim",
+    "lora_jax.sharding",
+    "lora_jax.models",
+    "lora_jax.experiments.data",
+    "lora_jax.experiments.study",
+]
 NAMES = [(m, n) for m in PUBLIC for n in getattr(importlib.import_module(m), "__all__", [])]
 
 
