@@ -6,8 +6,6 @@ import inspect
 
 import pytest
 
-import lora_jax
-
 MODULES = [
     "lora_jax._spec",
     "lora_jax._tree",
