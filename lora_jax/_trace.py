@@ -13,6 +13,7 @@ adapter each).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,8 +40,8 @@ class Uses:
 
     dots: list[tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
     """(contracted axes, batch axes) of each `dot_general` use."""
-    convs: list[tuple[int, tuple[int, ...]]] = dataclasses.field(default_factory=list)
-    """(output-feature axis, input-feature and window axes) of each conv use."""
+    convs: list[tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    """(output-feature axes, input-feature and window axes) of each conv use."""
     gathers: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
     """Indexed (row) axes of each gather use, as in an embedding lookup."""
     sliced: set[int] = dataclasses.field(default_factory=set)
@@ -49,8 +50,47 @@ class Uses:
     """Primitives that consume the weight in a way LoRA cannot factor."""
 
 
-# A tagged value: which leaf it is and, for each of its axes, the leaf axis.
-_Tag = tuple[int, tuple[int, ...]]
+# A tagged value: which leaf it is and, for each of its axes, the leaf axes it
+# covers (one, except after a reshape merged several).
+_Tag = tuple[int, tuple[tuple[int, ...], ...]]
+
+
+def _leaf_axes(axes: Sequence[tuple[int, ...]], positions: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted({a for p in positions for a in axes[p]}))
+
+
+def reshape_chunks(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Pairs (old axes, new axes) of a reshape whose sizes multiply to the same number.
+
+    Each chunk is a run of consecutive old axes merged or split into a run of
+    consecutive new axes; size-1 axes join a neighbour. ``None`` if the
+    reshape cannot be cut that way.
+
+    >>> reshape_chunks((4, 6), (4, 2, 3))
+    [([0], [0]), ([1], [1, 2])]
+    """
+    if math.prod(old) != math.prod(new) or 0 in old or not old or not new:
+        return None
+    chunks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    try:
+        while i < len(old) and j < len(new):
+            olds, news, po, pn = [i], [j], old[i], new[j]
+            i, j = i + 1, j + 1
+            while po != pn:
+                if po < pn:
+                    po, i = po * old[i], i + 1
+                    olds.append(i - 1)
+                else:
+                    pn, j = pn * new[j], j + 1
+                    news.append(j - 1)
+            chunks.append((olds, news))
+    except IndexError:
+        return None
+    chunks[-1][0].extend(range(i, len(old)))
+    chunks[-1][1].extend(range(j, len(new)))
+    return chunks
+
 
 _PASS_THROUGH = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 _CALLS = {"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call"}
@@ -79,16 +119,27 @@ def _walk(jaxpr: jcore.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> 
         elif name == "transpose":
             leaf, axes = in_tags[0]
             env[eqn.outvars[0]] = (leaf, tuple(axes[p] for p in params["permutation"]))
+        elif name == "reshape" and len(in_tags) == 1 and not params.get("dimensions"):
+            leaf, axes = in_tags[0]
+            chunks = reshape_chunks(eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
+            if chunks is None:
+                uses[leaf].other.add(name)
+                continue
+            new_axes: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
+            for olds, news in chunks:
+                for n in news:
+                    new_axes[n] = _leaf_axes(axes, olds)
+            env[eqn.outvars[0]] = (leaf, tuple(new_axes))
         elif name in ("slice", "dynamic_slice") and in_tags[0] is not None:
             leaf, axes = in_tags[0]
             shape = eqn.invars[0].aval.shape
             out_shape = eqn.outvars[0].aval.shape
-            uses[leaf].sliced.update(axes[i] for i in range(len(axes)) if out_shape[i] != shape[i])
+            uses[leaf].sliced.update(_leaf_axes(axes, [i for i in range(len(axes)) if out_shape[i] != shape[i]]))
             env[eqn.outvars[0]] = in_tags[0]
         elif name == "squeeze":
             leaf, axes = in_tags[0]
             dims = set(params["dimensions"])
-            uses[leaf].sliced.update(axes[d] for d in dims)
+            uses[leaf].sliced.update(_leaf_axes(axes, dims))
             env[eqn.outvars[0]] = (leaf, tuple(a for i, a in enumerate(axes) if i not in dims))
         elif name in _CALLS:
             body, _ = _body(params)
@@ -104,7 +155,7 @@ def _walk(jaxpr: jcore.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> 
             for i in range(n_consts + n_carry, len(in_tags)):
                 if in_tags[i] is not None:
                     leaf, axes = in_tags[i]
-                    uses[leaf].sliced.add(axes[0])
+                    uses[leaf].sliced.update(axes[0])
                     body_tags[i] = (leaf, axes[1:])
             _walk(body, body_tags, uses)
         elif name == "while":
@@ -122,12 +173,12 @@ def _walk(jaxpr: jcore.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> 
             for tag, contract, batch in ((in_tags[0], lc, lb), (in_tags[1], rc, rb)):
                 if tag is not None:
                     leaf, axes = tag
-                    uses[leaf].dots.append((tuple(axes[i] for i in contract), tuple(axes[i] for i in batch)))
+                    uses[leaf].dots.append((_leaf_axes(axes, contract), _leaf_axes(axes, batch)))
         elif name == "conv_general_dilated" and in_tags[1] is not None and in_tags[0] is None:
             leaf, axes = in_tags[1]
             out_dim, in_dim, *window = params["dimension_numbers"].rhs_spec
             if params["feature_group_count"] == 1 and params["batch_group_count"] == 1:
-                uses[leaf].convs.append((axes[out_dim], tuple(axes[i] for i in (in_dim, *window))))
+                uses[leaf].convs.append((_leaf_axes(axes, [out_dim]), _leaf_axes(axes, (in_dim, *window))))
             else:
                 uses[leaf].other.add("grouped conv_general_dilated")
         elif name == "gather" and in_tags[0] is not None and in_tags[1] is None:
@@ -136,7 +187,7 @@ def _walk(jaxpr: jcore.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> 
             if dn.operand_batching_dims:
                 uses[leaf].other.add("batched gather")
             else:
-                uses[leaf].gathers.append(tuple(axes[i] for i in dn.collapsed_slice_dims))
+                uses[leaf].gathers.append(_leaf_axes(axes, dn.collapsed_slice_dims))
         else:
             for t in in_tags:
                 if t is not None:
@@ -149,7 +200,7 @@ def trace_uses(fn: Callable[[Any], Any], params: Any) -> list[Uses]:
     abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     closed = jax.make_jaxpr(lambda flat: fn(jax.tree_util.tree_unflatten(treedef, flat)))(abstract)
     uses = [Uses() for _ in leaves]
-    tags = [(i, tuple(range(len(x.shape)))) for i, x in enumerate(leaves)]
+    tags = [(i, tuple((a,) for a in range(len(x.shape)))) for i, x in enumerate(leaves)]
     _walk(closed.jaxpr, tags, uses)
     return uses
 

@@ -35,6 +35,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from lora_jax import _tree
+from lora_jax._trace import reshape_chunks
 from lora_jax._tree import LoraFactors, add_delta
 
 
@@ -229,6 +230,40 @@ def _transpose(interp, eqn, invals):
         stack=tuple(int(inv[i]) for i in m.stack),
         a_axes=tuple(int(inv[i]) for i in m.a_axes),
         b_axes=tuple(int(inv[i]) for i in m.b_axes),
+    )
+
+
+@_rule("reshape")
+def _reshape(interp, eqn, invals):
+    # Splitting or merging axes within one group (stack, in side, out side)
+    # commutes with the factorisation: reshape A or B the same way.
+    if len(invals) != 1 or eqn.params.get("dimensions"):
+        return None
+    (f,) = invals
+    m = f.meta
+    new_shape = tuple(eqn.params["new_sizes"])
+    chunks = reshape_chunks(f.w.shape, new_shape)
+    groups = {"stack": m.stack, "a": m.a_axes, "b": m.b_axes}
+    if chunks is None or any(tuple(sorted(axes)) != tuple(axes) for axes in groups.values()):
+        return None
+    group_of = {ax: g for g, axes in groups.items() for ax in axes}
+    new_group: dict[int, str] = {}
+    for olds, news in chunks:
+        owners = {group_of[o] for o in olds}
+        if len(owners) != 1:
+            return None
+        owner = owners.pop()
+        new_group.update((n, owner) for n in news)
+    new = {g: tuple(n for n in range(len(new_shape)) if new_group[n] == g) for g in groups}
+    size = lambda g: [new_shape[n] for n in new[g]]
+    rank = f.a.shape[-1]
+    return f.replace(
+        w=_with_w(eqn, invals, f, 0),
+        a=f.a.reshape(*size("stack"), *size("a"), rank),
+        b=f.b.reshape(*size("stack"), rank, *size("b")),
+        stack=new["stack"],
+        a_axes=new["a"],
+        b_axes=new["b"],
     )
 
 

@@ -160,3 +160,12 @@ def while_fn(params, x):
         return i + 1, jnp.tanh(y @ params["u"])
 
     return jax.lax.while_loop(lambda c: (c[0] < 4) & (jnp.abs(c[1]).sum() > 1e-3), body, (0, x))[1]
+
+
+def reshaped_heads_fn(params, x):
+    """Attention-style projections whose weights are reshaped to heads before an einsum."""
+    heads = 4
+    wq = params["wq"].reshape(x.shape[-1], heads, -1)  # split the out side
+    q = jnp.einsum("bd,dhk->bhk", x, wq)
+    wo = params["wo"].reshape(heads, -1, x.shape[-1])  # split the in side
+    return jnp.einsum("bhk,hkd->bd", jnp.tanh(q), wo)

@@ -62,6 +62,10 @@ def _case(name):
         params = {"stack": jax.random.normal(k1, (3, 8, 5)) * 0.3}
         fn = lambda p, x: jnp.einsum("lbi,lio->lbo", x, p["stack"])
         return fn, params, (jax.random.normal(k2, (3, 2, 8)),), lora.LoraSpec(rank=2, targets="stack"), True
+    if name == "reshaped-heads":
+        params = {"wq": jax.random.normal(k1, (8, 16)) * 0.3, "wo": jax.random.normal(k2, (16, 8)) * 0.3}
+        spec = lora.LoraSpec(rank=2, targets="w.")
+        return M.reshaped_heads_fn, params, (jax.random.normal(k2, (3, 8)),), spec, True
     if name == "stacked-loop":
         params = {"stack": jax.random.normal(k1, (3, 8, 8)) * 0.3}
         return M.stacked_loop_fn, params, (jnp.ones((2, 8)),), lora.LoraSpec(rank=2, targets="stack"), True
@@ -82,6 +86,7 @@ CASES = [
     "control-flow",
     "stacked-loop",
     "batched-einsum",
+    "reshaped-heads",
 ]
 
 
@@ -162,6 +167,9 @@ def test_layouts_read_from_trace():
     assert shapes["params/out/kernel"] == ((4, 8, 4), (4, 12), ())  # [H, hd, D]
     assert shapes["params/w_out"] == ((8, 3, 2), (2, 5), ())
     assert shapes["params/layers/up/kernel"] == ((3, 16, 4), (3, 4, 64), (0,))  # one adapter per layer
+    *_, adapters = _split("reshaped-heads")
+    assert adapters["wq"].lora_a.shape == (8, 2) and adapters["wq"].lora_b.shape == (2, 16)  # [D, H*hd]
+    assert adapters["wo"].lora_a.shape == (16, 2) and adapters["wo"].lora_b.shape == (2, 8)  # [H*hd, D]
 
 
 def test_scan_layers_are_independent():
@@ -357,6 +365,17 @@ def test_materialization_is_reported_and_strict_raises():
     np.testing.assert_allclose(out, fn(lora.merge(frozen, adapters), x), rtol=1e-5)
     with pytest.raises(lora.MaterializationError, match="integer_pow"):
         lora.wrap(fn, strict=True)(frozen, adapters, x)
+
+
+def test_reshape_across_in_and_out_sides_is_materialized():
+    params = {"w": jax.random.normal(KEY, (2, 8))}
+    fn = lambda p, x: x @ p["w"].reshape(4, 4)  # mixes W's in and out axes: not a low-rank reshape
+    frozen, adapters = lora.split(params, lora.LoraSpec(rank=1, targets="w"), key=KEY)
+    adapters = _randomize(adapters)
+    x = jnp.ones((3, 4))
+    with pytest.warns(lora.MaterializationWarning, match="'reshape'"):
+        out = lora.wrap(fn)(frozen, adapters, x)
+    np.testing.assert_allclose(out, fn(lora.merge(frozen, adapters), x), rtol=1e-5)
 
 
 def test_wrap_does_not_retrace_the_model_per_call():
