@@ -36,20 +36,30 @@ _LINEAR_NAMES = ("kernel", "weight", "w")
 Init = Literal["kaiming", "gaussian"]
 
 
-def path_to_str(path: tuple) -> str:
-    """Joins a `jax.tree_util` key path into the ``a/b/c`` form used by specs.
+def path_parts(path: tuple) -> tuple[str, ...]:
+    """The components of a `jax.tree_util` key path, as strings.
 
     A trailing ``.value`` attribute (how `flax.nnx` variables expose their
     array) is dropped, so an NNX state reads ``linear/kernel``.
 
     >>> import jax
+    >>> [path_parts(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
+    [('a', '0'), ('a', '1')]
+    """
+    parts = tuple(_key_str(k) for k in path)
+    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
+        parts = parts[:-1]
+    return parts
+
+
+def path_to_str(path: tuple) -> str:
+    """Joins a `jax.tree_util` key path into the ``a/b/c`` form used by specs.
+
+    >>> import jax
     >>> [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
     ['a/0', 'a/1']
     """
-    parts = [_key_str(k) for k in path]
-    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
-        parts = parts[:-1]
-    return "/".join(parts)
+    return "/".join(path_parts(path))
 
 
 def _key_str(key: Any) -> str:

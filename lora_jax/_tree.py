@@ -79,13 +79,11 @@ def _fold(w: jax.Array, f: LoraFactors, sign: float) -> jax.Array:
 
 def _flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(_spec.path_to_str(p), _components(p), x) for p, x in flat], treedef
-
-
-def _components(path: tuple) -> tuple[str, ...]:
-    joined = _spec.path_to_str(path)
-    parts = tuple(_spec._key_str(k) for k in path)
-    return parts if "/".join(parts) == joined else parts[:-1]
+    out = []
+    for p, x in flat:
+        parts = _spec.path_parts(p)
+        out.append(("/".join(parts), parts, x))
+    return out, treedef
 
 
 def _nest(entries: Iterator[tuple[tuple[str, ...], Any]]) -> dict:

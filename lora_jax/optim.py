@@ -25,7 +25,7 @@ import optax
 
 from lora_jax import _spec
 from lora_jax._spec import PathFilter
-from lora_jax._tree import LoraFactors
+from lora_jax._tree import LoraFactors, _is_factors
 
 __all__ = ["adamw", "factor_labels", "lora_plus", "only_adapters", "trainable_mask"]
 
@@ -131,10 +131,6 @@ def trainable_mask(tree: PyTree, *, train: PathFilter = None) -> PyTree:
             "LoraFactors in place of the adapted weights, or an explicit boolean mask."
         )
     return mask
-
-
-def _is_factors(x: Any) -> bool:
-    return isinstance(x, LoraFactors)
 
 
 def _check_mask(name: str, mask: Any) -> None:
