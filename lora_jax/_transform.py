@@ -609,8 +609,10 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
       training, none to evaluate. Dropout acts on the low-rank path only.
 
     Raises:
-      ValueError: (when called) the adapters do not belong to ``frozen``;
-        in strict mode, a use that cannot stay factored.
+      ValueError: (when called) the adapters do not belong to ``frozen``, or
+        ``adapters`` is a full parameter tree (plain arrays where ``frozen``
+        holds arrays, which would train every weight); in strict mode, a use
+        that cannot stay factored.
 
     >>> import jax, jax.numpy as jnp
     >>> import lora_jax as lora

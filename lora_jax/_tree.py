@@ -300,6 +300,13 @@ def combine(
     Checks that every adapter has a home in ``frozen`` of the right shape.
     """
     entries = adapter_entries(adapters)
+    if entries and not any(isinstance(e, LoraFactors) for e in entries.values()):
+        raise ValueError(
+            f"{caller}: `adapters` holds no LoraFactors, only plain arrays (at {sorted(entries)[:3]}...): it looks "
+            "like a full parameter tree, which would replace every weight it holds and train all of them. Pass the "
+            "adapter tree returned by lora_jax.split (split marks each leaf that trains in full by moving its "
+            "array to the adapter tree and putting None at its place in `frozen`)."
+        )
     flat, treedef = _flatten(frozen, is_leaf=lambda x: x is None)
     leaves, seen = [], set()
     for path, _, leaf in flat:
@@ -312,10 +319,18 @@ def combine(
             _check_factors(caller, path, leaf, entry)
             leaves.append(fn(path, leaf, entry))
         else:
-            if leaf is not None and (np.shape(leaf) != np.shape(entry)):
+            if leaf is not None and not keep_trained:
+                raise ValueError(
+                    f"{caller}: the adapter tree holds a plain array at {path!r} (shape {np.shape(entry)}) where "
+                    f"`frozen` holds an array too (shape {np.shape(leaf)}). lora_jax.split marks a leaf that trains "
+                    "in full (LoraSpec(train=...)) by moving its array to the adapter tree and putting None at its "
+                    "place in `frozen`; an array in both means the trees do not come from one split (for example "
+                    "the full params passed as adapters). Pass the pair returned by one lora_jax.split."
+                )
+            if leaf is not None and np.shape(leaf) != np.shape(entry):
                 raise ValueError(
                     f"{caller}: the adapter tree's fully trained leaf {path!r} has shape {np.shape(entry)} but "
-                    f"frozen has shape {np.shape(leaf)} there; these adapters do not belong to these params."
+                    f"the params have shape {np.shape(leaf)} there; these adapters do not belong to these params."
                 )
             leaves.append(leaf if keep_trained else entry)
     missing = sorted(set(entries) - seen)
@@ -351,14 +366,16 @@ def merge(frozen: PyTree, adapters: PyTree) -> PyTree:
     """Folds the adapters back in: ``W + s·A@B`` at every target.
 
     Args:
-      frozen: the frozen tree from `split` (or the original params).
+      frozen: the frozen tree from `split` (or the original params, when no
+        leaf trains in full).
       adapters: the adapter tree from `split`, trained or not.
 
     Returns:
       A tree with the structure and dtypes of the original params.
 
     Raises:
-      ValueError: if the adapters do not belong to ``frozen``.
+      ValueError: if the adapters do not belong to ``frozen``, or ``adapters``
+        is a full parameter tree (plain arrays where ``frozen`` holds arrays).
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"w": jnp.ones((4, 4))}
@@ -375,6 +392,10 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     Fully trained leaves are left as they are in ``params``. Exact up to
     floating-point rounding (in low precision, keep the original frozen
     tree rather than relying on this).
+
+    Raises:
+      ValueError: if the adapters do not belong to ``params``, or ``adapters``
+        holds no `LoraFactors` (a full parameter tree passed as adapters).
 
     >>> import jax, jax.numpy as jnp
     >>> frozen, adapters = split({"w": jnp.ones((4, 4))}, LoraSpec(rank=2, targets="w"), key=jax.random.key(0))

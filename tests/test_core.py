@@ -469,6 +469,26 @@ def test_error_adapters_from_other_params():
         lora.wrap(3)
 
 
+def test_error_full_params_passed_as_adapters():
+    fn, params, args, frozen, adapters = _split("linen-mlp")
+    # The whole parameter tree where the adapters belong would train every weight.
+    for call in (lambda: lora.wrap(fn)(frozen, params, *args), lambda: lora.merge(frozen, params)):
+        with pytest.raises(ValueError, match=r"holds no LoraFactors.*full parameter tree.*None at its place"):
+            call()
+    with pytest.raises(ValueError, match=r"holds no LoraFactors"):
+        lora.unmerge(params, params)
+    # Adapters mixed with a plain array at a path where frozen holds an array.
+    mixed = dict(adapters, params=dict(adapters["params"], Dense_1=dict(params["params"]["Dense_1"])))
+    for call in (lambda: lora.wrap(fn)(frozen, mixed, *args), lambda: lora.merge(frozen, mixed)):
+        with pytest.raises(ValueError, match=r"plain array at 'params/Dense_1/(bias|kernel)'.*None at its place"):
+            call()
+    # A leaf that split moved out of frozen is accepted.
+    frozen_t, trained = lora.split(params, lora.LoraSpec(rank=2, train=r".*/bias"), key=KEY)
+    trained = _randomize(trained)
+    ref = fn(lora.merge(frozen_t, trained), *args)
+    np.testing.assert_allclose(lora.wrap(fn)(frozen_t, trained, *args), ref, rtol=1e-5, atol=1e-6)
+
+
 # -- dropout on the low-rank path ---------------------------------------------------------
 
 
