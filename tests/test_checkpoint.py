@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import lora_jax as lora
 from lora_jax import checkpoint
@@ -239,6 +240,9 @@ def test_mismatch_errors_name_path_and_shapes(tmp_path):
         checkpoint.restore(tmp_path, optimizer=optax.sgd(0.1, momentum=0.9))
     with pytest.raises(ValueError, match="not both"):
         checkpoint.restore(tmp_path, optimizer=opt, opt_state=opt.init(adapters))
+    specs = {"stack": P(), "head": {"kernel": P(), "bias": P()}}
+    with pytest.raises(TypeError, match=r"must be jax.sharding.Sharding objects.*Give PartitionSpecs a mesh"):
+        checkpoint.restore(tmp_path, param_shardings=specs)
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
