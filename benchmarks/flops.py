@@ -28,8 +28,9 @@ MODELS = {
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
     ),
+    # Small enough to compile in seconds, wide enough that the matmuls dominate as in a real model.
     "tiny": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
     ),
 }  # fmt: skip

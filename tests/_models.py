@@ -169,3 +169,14 @@ def reshaped_heads_fn(params, x):
     q = jnp.einsum("bd,dhk->bhk", x, wq)
     wo = params["wo"].reshape(heads, -1, x.shape[-1])  # split the in side
     return jnp.einsum("bhk,hkd->bd", jnp.tanh(q), wo)
+
+
+def torch_layout_fn(params, x):
+    """Weights stored PyTorch's way, [out, in], so the out side comes first in W.
+
+    ``w`` is used as ``x @ w.T``; ``o`` is an output projection stored
+    ``[d, heads, hd]`` and contracted over its last two axes.
+    """
+    h = jnp.tanh(x @ params["w"].T)
+    h = h.reshape(*h.shape[:-1], 2, 4)
+    return jnp.einsum("bhk,dhk->bd", h, params["o"])

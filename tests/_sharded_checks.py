@@ -26,8 +26,12 @@ import lora_jax as lora
 from lora_jax import optim
 from lora_jax import sharding as lora_sharding
 
-# Sizes chosen so that no activation has the shape of a weight (or of a layer of the stack).
-BATCH, DIM, HIDDEN, LAYERS, CLASSES, RANK, STEPS = 16, 12, 40, 3, 6, 4, 3
+# Sizes chosen so that no activation shares a shape with a frozen weight, with
+# its per-device shard, with one layer of the stack or with any of their
+# transposes: the MLP widens DIM -> HIDDEN and narrows to WIDTH, so the column-
+# and row-parallel shards ([12, 20] and [20, 18]) are not each other's
+# transpose; activations are [4 or 16, 12 | 18 | 20 | 40 | 9 | 5].
+BATCH, DIM, HIDDEN, WIDTH, LAYERS, CLASSES, RANK, STEPS = 16, 12, 40, 18, 3, 5, 4, 3
 
 RULES = {
     "up": P(None, "model"),  # column parallel
@@ -42,15 +46,15 @@ def make_params(key):
     return {
         "norm": jnp.ones(DIM),
         "up": jax.random.normal(k[0], (DIM, HIDDEN)) / np.sqrt(DIM),
-        "down": jax.random.normal(k[1], (HIDDEN, DIM)) / np.sqrt(HIDDEN),
-        "stack": jax.random.normal(k[2], (LAYERS, DIM, DIM)) / np.sqrt(DIM),
-        "head": jax.random.normal(k[3], (DIM, CLASSES)) / np.sqrt(DIM),
+        "down": jax.random.normal(k[1], (HIDDEN, WIDTH)) / np.sqrt(HIDDEN),
+        "stack": jax.random.normal(k[2], (LAYERS, WIDTH, WIDTH)) / np.sqrt(WIDTH),
+        "head": jax.random.normal(k[3], (WIDTH, CLASSES)) / np.sqrt(WIDTH),
     }
 
 
 def apply(p, x):
     h = x * p["norm"]
-    h = h + jax.nn.gelu(h @ p["up"]) @ p["down"]
+    h = jax.nn.gelu(h @ p["up"]) @ p["down"]
     h, _ = jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), h, p["stack"])
     return h @ p["head"]
 
@@ -81,16 +85,58 @@ def full_finetune_step(params, x, y):
     return jax.tree.map(lambda p, g: p - 1e-2 * g, params, grads)
 
 
-def weight_collectives(hlo: str, shapes: set) -> list[str]:
-    """HLO collectives whose result has the full shape of a frozen weight (or of one layer of a stack)."""
-    hits = []
+def merged_lora_grads(frozen, adapters, x, y):
+    """LoRA that forms W + s·A@B for every matmul: what `wrap` must never compile to."""
+
+    def loss(ad):
+        logits = apply(lora.merge(frozen, ad), x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return jax.grad(loss)(adapters)
+
+
+def forward(params, x):
+    return apply(params, x)
+
+
+STACKED = {"stack"}
+REDUCTIONS = ("all-reduce", "reduce-scatter")
+
+
+def weight_shapes(frozen, shardings) -> dict[str, set[tuple[int, ...]]]:
+    """Every shape under which a frozen weight (or its gradient) can appear in a compiled step.
+
+    The full shape, the per-device shard under the weight's sharding (a sharded
+    weight's gradient is all-reduced at that shape), one layer of a stack (a
+    scan reduces each layer's gradient inside the loop), and the transposes of
+    all of them (XLA may compute ``dW^T``).
+    """
+    out = {}
+    for name, w in frozen.items():
+        if w is None:
+            continue
+        full = tuple(w.shape)
+        shapes = {full, tuple(shardings[name].shard_shape(full))}
+        if name in STACKED:
+            shapes |= {s[1:] for s in shapes}
+        shapes |= {(*s[:-2], s[-1], s[-2]) for s in shapes if len(s) >= 2}
+        out[name] = shapes
+    return out
+
+
+def weight_collectives(hlo: str, shapes: dict[str, set], ops=COLLECTIVES) -> dict[str, list[str]]:
+    """HLO collectives among ``ops`` whose result has one of a weight's shapes, per weight."""
+    hits = {name: [] for name in shapes}
     for line in hlo.splitlines():
-        m = re.search(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        m = re.search(r"=\s*(.*?)\s(" + "|".join(ops) + r")(-start)?\(", line)
         if m is None:
             continue
-        for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1)):
-            if tuple(int(d) for d in dims.split(",") if d) in shapes:
-                hits.append(line.strip()[:160])
+        result_shapes = {
+            tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))
+        }
+        for name, weight in shapes.items():
+            if result_shapes & weight:
+                hits[name].append(line.strip()[:160])
     return hits
 
 
@@ -165,13 +211,20 @@ def main() -> None:
         adapters, opt_state, loss = compiled(frozen, adapters, opt_state, xs_s[i], ys_s[i])
         losses.append(float(loss))
 
-    weight_shapes = {tuple(w.shape) for w in jax.tree.leaves(frozen)} | {(DIM, DIM)}
-    weight_shapes.discard((DIM,))
+    shapes = weight_shapes(frozen, frozen_shardings)
+    everything = [shape for group in shapes.values() for shape in group]
+    assert len(everything) == len(set(everything)), f"two weights share a shape: {shapes}"
     full_ft = (
         jax.jit(full_finetune_step, in_shardings=(param_shardings, batch, batch), out_shardings=param_shardings)
         .lower(sharded_params, xs_s[0], ys_s[0])
         .compile()
     )
+    merged = (
+        jax.jit(merged_lora_grads, in_shardings=(frozen_shardings, derived, batch, batch), out_shardings=derived)
+        .lower(frozen, adapters, xs_s[0], ys_s[0])
+        .compile()
+    )
+    inference = jax.jit(forward, in_shardings=(param_shardings, batch)).lower(sharded_params, xs_s[0]).compile()
     out.update(
         losses=losses,
         ref_losses=ref_losses,
@@ -188,8 +241,11 @@ def main() -> None:
         },
         trained_shardings_match=shardings_match(adapters, derived),
         state_shardings_match=shardings_match(opt_state, state_shardings),
-        weight_collectives=weight_collectives(compiled.as_text(), weight_shapes),
-        full_ft_weight_collectives=len(weight_collectives(full_ft.as_text(), weight_shapes)),
+        weight_collectives=weight_collectives(compiled.as_text(), shapes),
+        full_ft_weight_reductions=weight_collectives(full_ft.as_text(), shapes, REDUCTIONS),
+        merged_weight_reductions=weight_collectives(merged.as_text(), shapes, REDUCTIONS),
+        inference_weight_collectives=weight_collectives(inference.as_text(), shapes),
+        weight_shapes={name: sorted(group) for name, group in shapes.items()},
         b_trained=all(
             float(jnp.abs(f.lora_b).max()) > 0
             for f in lora._tree.adapter_entries(adapters).values()

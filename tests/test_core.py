@@ -3,6 +3,7 @@
 import dataclasses
 import pickle
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +67,10 @@ def _case(name):
         params = {"wq": jax.random.normal(k1, (8, 16)) * 0.3, "wo": jax.random.normal(k2, (16, 8)) * 0.3}
         spec = lora.LoraSpec(rank=2, targets="w.")
         return M.reshaped_heads_fn, params, (jax.random.normal(k2, (3, 8)),), spec, True
+    if name == "torch-layout":
+        params = {"w": jax.random.normal(k1, (8, 8)) * 0.3, "o": jax.random.normal(k2, (5, 2, 4)) * 0.3}
+        spec = lora.LoraSpec(rank=2, targets="w|o")
+        return M.torch_layout_fn, params, (jax.random.normal(k2, (3, 8)),), spec, True
     if name == "stacked-loop":
         params = {"stack": jax.random.normal(k1, (3, 8, 8)) * 0.3}
         return M.stacked_loop_fn, params, (jnp.ones((2, 8)),), lora.LoraSpec(rank=2, targets="stack"), True
@@ -87,6 +92,7 @@ CASES = [
     "stacked-loop",
     "batched-einsum",
     "reshaped-heads",
+    "torch-layout",
 ]
 
 
@@ -95,15 +101,6 @@ def _split(name, key=KEY):
     trace = (lambda p: fn(p, *args)) if traced else None
     frozen, adapters = lora.split(params, spec, key=key, trace=trace)
     return fn, params, args, frozen, adapters
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_init_is_exactly_the_base_model(name):
-    fn, params, args, frozen, adapters = _split(name)
-    # wrap compiles its evaluation, so compare with the compiled base model.
-    np.testing.assert_array_equal(lora.wrap(fn, strict=True)(frozen, adapters, *args), jax.jit(fn)(params, *args))
-    for a, b in zip(jax.tree.leaves(lora.merge(frozen, adapters)), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(a, b)
 
 
 # wrap compiles its own evaluation, so eager calls differ from jitted ones only
@@ -118,8 +115,14 @@ EAGER = ["dict-mlp", "tied-embed", "scan", "control-flow"]
 )
 def test_wrap_matches_merge_and_gradients(name, jit):
     fn, params, args, frozen, adapters = _split(name)
-    adapters = _randomize(adapters)
     wrapped = lora.wrap(fn, strict=True)
+    if jit:
+        # At init B = 0, so wrap is exactly the base model and merge gives back the params.
+        # wrap compiles its evaluation, so compare with the compiled base model.
+        np.testing.assert_array_equal(wrapped(frozen, adapters, *args), jax.jit(fn)(params, *args))
+        for a, b in zip(jax.tree.leaves(lora.merge(frozen, adapters)), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(a, b)
+    adapters = _randomize(adapters)
 
     def loss_lora(ad):
         return jnp.sum(jnp.sin(wrapped(frozen, ad, *args)))
@@ -167,6 +170,11 @@ def test_layouts_read_from_trace():
     assert shapes["params/out/kernel"] == ((4, 8, 4), (4, 12), ())  # [H, hd, D]
     assert shapes["params/w_out"] == ((8, 3, 2), (2, 5), ())
     assert shapes["params/layers/up/kernel"] == ((3, 16, 4), (3, 4, 64), (0,))  # one adapter per layer
+    *_, adapters = _split("torch-layout")
+    # W is [out, in]: A takes W's axis 1, B its axis 0; the [d, heads, hd] projection contracts (heads, hd).
+    assert (adapters["w"].lora_a.shape, adapters["w"].a_axes, adapters["w"].b_axes) == ((8, 2), (1,), (0,))
+    assert (adapters["o"].lora_a.shape, adapters["o"].lora_b.shape) == ((2, 4, 2), (2, 5))
+    assert (adapters["o"].a_axes, adapters["o"].b_axes) == ((1, 2), (0,))
     *_, adapters = _split("reshaped-heads")
     assert adapters["wq"].lora_a.shape == (8, 2) and adapters["wq"].lora_b.shape == (2, 16)  # [D, H*hd]
     assert adapters["wo"].lora_a.shape == (16, 2) and adapters["wo"].lora_b.shape == (2, 8)  # [H*hd, D]
@@ -218,9 +226,22 @@ def test_float32_adapters_on_bfloat16_weights():
     m, x = M.MLP(dtype=jnp.bfloat16), jax.random.normal(KEY, (4, 10)).astype(jnp.bfloat16)
     params = m.init(KEY, x)
     frozen, adapters = lora.split(params, lora.LoraSpec(rank=4, dtype=jnp.float32), key=KEY)
+    assert {a.dtype for a in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
     adapters = _randomize(adapters)
-    grads = jax.grad(lambda ad: lora.wrap(m.apply)(frozen, ad, x).astype(jnp.float32).sum())(adapters)
-    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    wrapped = lora.wrap(m.apply, strict=True)
+    out, ref = wrapped(frozen, adapters, x), m.apply(lora.merge(frozen, adapters), x)
+    assert out.dtype == ref.dtype == jnp.bfloat16
+    out, ref, base = (np.asarray(y, np.float32) for y in (out, ref, m.apply(params, x)))
+    assert np.abs(ref - base).max() > 0.2 * np.abs(ref).max(), "the adapters must change the output"
+    np.testing.assert_allclose(out, ref, rtol=5e-2, atol=3e-2 * np.abs(ref).max())
+    # Gradients reach the float32 adapters through the bfloat16 model, and agree with merge's.
+    loss = lambda y: jnp.sum(jnp.sin(y.astype(jnp.float32)))
+    g1 = jax.jit(jax.grad(lambda ad: loss(wrapped(frozen, ad, x))))(adapters)
+    g2 = jax.jit(jax.grad(lambda ad: loss(m.apply(lora.merge(frozen, ad), x))))(adapters)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert a.dtype == b.dtype == jnp.float32
+        assert np.abs(b).max() > 0 and np.abs(a).max() > 0
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2 * np.abs(b).max())
 
 
 def test_nnx_through_split_and_merge():
@@ -280,8 +301,8 @@ def test_full_training_of_chosen_leaves():
     assert adapters["params"]["LayerNorm_0"]["scale"].shape == (32,)
     adapters = _randomize(adapters)
     ref = lambda ad: jnp.sum(fn(lora.merge(frozen, ad), *args) ** 2)
-    g1 = jax.grad(lambda ad: jnp.sum(lora.wrap(fn)(frozen, ad, *args) ** 2))(adapters)
-    g2 = jax.grad(ref)(adapters)
+    g1 = jax.jit(jax.grad(lambda ad: jnp.sum(lora.wrap(fn)(frozen, ad, *args) ** 2)))(adapters)
+    g2 = jax.jit(jax.grad(ref))(adapters)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
 
@@ -297,13 +318,110 @@ def test_scale_rslora_and_patterns():
     assert lora.LoraSpec(rank=8).scale_for("x") == 2.0  # alpha defaults to 2 * rank
 
 
-def test_merge_matches_numpy():
-    params = {"w": np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)}
-    frozen, adapters = lora.split(params, lora.LoraSpec(rank=3, alpha=6, targets="w"), key=KEY)
+def test_exclude_removes_targets():
+    params = _mlp_params()
+    for targets in (".*kernel", "all-linear", lambda path, leaf: path.endswith("kernel")):
+        _, adapters = lora.split(params, lora.LoraSpec(rank=2, targets=targets), key=KEY)
+        assert set(adapters["params"]) == {"Dense_0", "Dense_1"}
+        for exclude in (r".*Dense_1/.*", [r"nothing", r".*Dense_1/kernel"], lambda path, leaf: "Dense_1" in path):
+            frozen, adapters = lora.split(params, lora.LoraSpec(rank=2, targets=targets, exclude=exclude), key=KEY)
+            assert set(adapters["params"]) == {"Dense_0"}, (targets, exclude)
+            assert frozen["params"]["Dense_1"]["kernel"] is params["params"]["Dense_1"]["kernel"]
+    with pytest.raises(ValueError, match=r"selects no leaf \(after exclude="):
+        lora.split(params, lora.LoraSpec(rank=2, targets=".*Dense_0/kernel", exclude=".*Dense_0.*"), key=KEY)
+
+
+def test_callable_targets_select_by_path_and_leaf():
+    params = _mlp_params()
+    seen = []
+
+    def wide_kernels(path, leaf):
+        seen.append((path, leaf.shape))
+        return path.endswith("kernel") and leaf.shape[-1] == 32
+
+    _, adapters = lora.split(params, lora.LoraSpec(rank=2, targets=wide_kernels), key=KEY)
+    assert list(adapters["params"]) == ["Dense_0"] and adapters["params"]["Dense_0"]["kernel"].lora_b.shape == (2, 32)
+    assert ("params/Dense_1/kernel", (32, 4)) in seen and ("params/Dense_0/bias", (32,)) in seen
+
+
+def test_rank_and_alpha_patterns_first_match_wins():
+    params = {"mlp_up": jnp.zeros((16, 16)), "mlp_down": jnp.zeros((16, 16)), "q": jnp.zeros((16, 16))}
+    spec = lora.LoraSpec(
+        rank=4,
+        alpha=8,
+        targets=".*",
+        rank_pattern={"mlp_up": 2, "mlp_.*": 8},
+        alpha_pattern={"mlp_.*": 4, "mlp_down": 32},
+    )
+    _, adapters = lora.split(params, spec, key=KEY)
+    ranks = {k: f.rank for k, f in adapters.items()}
+    scales = {k: f.scale for k, f in adapters.items()}
+    assert ranks == {"mlp_up": 2, "mlp_down": 8, "q": 4}
+    assert scales == {"mlp_up": 4 / 2, "mlp_down": 4 / 8, "q": 8 / 4}
+    assert adapters["mlp_up"].lora_a.shape == (16, 2) and adapters["mlp_down"].lora_b.shape == (8, 16)
+
+
+class _LanguageModel(nn.Module):
+    """Embedding, two body projections and an untied output head."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(40, 16, name="embed_tokens")(ids)
+        h = nn.Dense(16, name="proj")(jnp.tanh(nn.Dense(16, name="mix")(h)))
+        return nn.Dense(40, use_bias=False, name="lm_head")(h)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["no-trace", "trace"])
+def test_all_linear_leaves_out_embeddings_and_heads(traced):
+    m, ids = _LanguageModel(), jnp.array([[1, 2, 3]])
+    params = m.init(KEY, ids)
+    trace = (lambda p: m.apply(p, ids)) if traced else None
+    _, adapters = lora.split(params, lora.LoraSpec(rank=2, targets="all-linear"), key=KEY, trace=trace)
+    assert set(adapters["params"]) == {"mix", "proj"}
+    # Named explicitly, the head and the embedding do get adapters.
+    _, adapters = lora.split(params, lora.LoraSpec(rank=2, targets=".*(lm_head|embed_tokens)/.*"), key=KEY, trace=trace)
+    assert set(adapters["params"]) == {"lm_head", "embed_tokens"}
+    # A tied head (the embedding used by `x @ E.T`) is left out too.
+    m, ids = M.TiedLM(), jnp.array([[1, 4, 9]])
+    params = m.init(KEY, ids)
+    trace = (lambda p: m.apply(p, ids)) if traced else None
+    _, adapters = lora.split(params, lora.LoraSpec(rank=2, targets="all-linear"), key=KEY, trace=trace)
+    assert set(adapters["params"]) == {"Dense_0"}
+
+
+# name -> (W's shape, how it is used, W + s·A@B in NumPy from W, A, B and s)
+MERGE_LAYOUTS = {
+    "in-out": ((5, 7), lambda w, x: x @ w, lambda w, a, b, s: w + s * a @ b),
+    "torch [out, in]": ((7, 5), lambda w, x: x @ w.T, lambda w, a, b, s: w + s * (a @ b).T),
+    "dense-general out [heads, hd, d]": (
+        (2, 3, 5),
+        lambda w, x: jnp.einsum("bhk,hkd->bd", x.reshape(-1, 2, 3), w),
+        lambda w, a, b, s: w + s * np.einsum("hkr,rd->hkd", a, b),
+    ),
+    "out first [d, heads, hd]": (
+        (5, 2, 3),
+        lambda w, x: jnp.einsum("bhk,dhk->bd", x.reshape(-1, 2, 3), w),
+        lambda w, a, b, s: w + s * np.einsum("hkr,rd->dhk", a, b),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(MERGE_LAYOUTS))
+def test_merge_matches_numpy(layout):
+    shape, use, reference = MERGE_LAYOUTS[layout]
+    params = {"w": np.random.default_rng(0).normal(size=shape).astype(np.float32)}
+    x = jnp.ones((2, 6 if len(shape) == 3 else 5))
+    frozen, adapters = lora.split(
+        params, lora.LoraSpec(rank=3, alpha=6, targets="w"), key=KEY, trace=lambda p: use(p["w"], x)
+    )
     adapters = _randomize(adapters)
     a, b = np.asarray(adapters["w"].lora_a), np.asarray(adapters["w"].lora_b)
-    np.testing.assert_allclose(lora.merge(frozen, adapters)["w"], params["w"] + 2.0 * a @ b, rtol=1e-5, atol=1e-6)
+    expected = reference(params["w"], a, b, 2.0)
+    np.testing.assert_allclose(lora.merge(frozen, adapters)["w"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adapters["w"].delta(), expected - params["w"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lora.unmerge(lora.merge(frozen, adapters), adapters)["w"], params["w"], atol=1e-5)
+    wrapped = lora.wrap(lambda p, x: use(p["w"], x), strict=True)(frozen, adapters, x)
+    np.testing.assert_allclose(wrapped, use(expected, x), rtol=1e-5, atol=1e-5)
 
 
 def test_init_distributions():
@@ -517,24 +635,67 @@ def test_dropout_only_with_a_key_and_unbiased():
     assert np.abs(mean - ref).max() < 0.1 * np.abs(delta).max()
 
 
-def test_dropout_masks_differ_across_scan_layers():
-    # Every layer of the stack has the same weight and adapter and sees the same input,
-    # so the layers' outputs differ only if their dropout masks do.
-    fn = lambda p, x: jax.lax.scan(lambda c, w: (c, c @ w), x, p["stack"])[1]
-    w = jax.random.normal(KEY, (6, 6))
-    params = {"stack": jnp.stack([w, w, w])}
-    x = jnp.ones((2, 6))
-    spec = lora.LoraSpec(rank=2, targets="stack", dropout=0.5)
-    frozen, adapters = lora.split(params, spec, key=KEY, trace=lambda p: fn(p, x))
-    f = adapters["stack"]
-    adapters["stack"] = dataclasses.replace(
-        f, lora_a=jnp.broadcast_to(f.lora_a[:1], f.lora_a.shape), lora_b=jnp.ones_like(f.lora_b)
-    )
+RATE = 0.2
+
+
+def _identity_adapters(frozen, adapters, path):
+    """A = B = I (rank = width) and s = 1 at ``path``: the low-rank path is the identity map."""
+    f = adapters[path]
+    eye = jnp.broadcast_to(jnp.eye(f.lora_a.shape[-1]), f.lora_a.shape)
+    assert f.scale == 1.0
+    return dict(adapters, **{path: dataclasses.replace(f, lora_a=eye, lora_b=eye)})
+
+
+def test_dropout_acts_on_the_input_exactly():
+    # With A = B = I and s = 1, output - base = dropout(x): each entry is 0 (dropped, probability p)
+    # or x / (1 - p) (kept).
+    d = 16
+    params = {"w": jax.random.normal(KEY, (d, d))}
+    fn = lambda p, x: x @ p["w"]
+    frozen, adapters = lora.split(params, lora.LoraSpec(rank=d, alpha=d, targets="w", dropout=RATE), key=KEY)
+    adapters = _identity_adapters(frozen, adapters, "w")
+    x = 1.0 + jax.random.uniform(jax.random.key(1), (256, d))  # no entry is 0 by chance
     wrapped = lora.wrap(fn, strict=True)
-    plain = wrapped(frozen, adapters, x)
-    np.testing.assert_allclose(plain[0], plain[1], rtol=1e-6)
-    dropped = wrapped(frozen, adapters, x, lora_dropout_key=jax.random.key(3))
-    assert not np.allclose(dropped[0], dropped[1]) and not np.allclose(dropped[1], dropped[2])
+    base = fn(params, x)
+    np.testing.assert_allclose(wrapped(frozen, adapters, x), base + x, rtol=1e-5, atol=1e-5)  # no key: no dropout
+    delta = np.asarray(wrapped(frozen, adapters, x, lora_dropout_key=jax.random.key(2)) - base)
+    dropped = np.abs(delta) < 1e-3
+    kept_value = np.asarray(x) / (1 - RATE)
+    np.testing.assert_allclose(delta[~dropped], kept_value[~dropped], rtol=1e-4, atol=1e-4)
+    assert abs(dropped.mean() - RATE) < 0.02, dropped.mean()  # 4096 draws: std 0.006
+
+    # The mask is drawn over the inputs of A, not over x @ A: with a rank-1 A of ones and inputs 2^j,
+    # (output - base)·(1 - p) is the binary number whose bits are the kept inputs of each row.
+    d = 10
+    params = {"w": jnp.zeros((d, 3))}
+    frozen, adapters = lora.split(params, lora.LoraSpec(rank=1, alpha=1, targets="w", dropout=RATE), key=KEY)
+    adapters = {"w": dataclasses.replace(adapters["w"], lora_a=jnp.ones((d, 1)), lora_b=jnp.ones((1, 3)))}
+    x = jnp.broadcast_to(2.0 ** jnp.arange(d), (512, d))
+    delta = np.asarray(lora.wrap(fn)(frozen, adapters, x, lora_dropout_key=jax.random.key(3)))
+    code = delta[:, 0] * (1 - RATE)
+    np.testing.assert_allclose(code, np.round(code), atol=1e-2)
+    bits = (np.round(code).astype(np.int64)[:, None] >> np.arange(d)) & 1
+    assert abs(1 - bits.mean() - RATE) < 0.03, bits.mean()
+    assert len(set(np.round(code).tolist())) > 100  # per-input masks, not one keep/drop per row
+
+
+def test_one_dropout_mask_per_layer_of_a_stack():
+    layers, d = 4, 16
+    fn = lambda p, x: jax.lax.scan(lambda c, w: (c, c @ w), x, p["stack"])[1]
+    params = {"stack": jax.random.normal(KEY, (layers, d, d))}
+    x = 1.0 + jax.random.uniform(jax.random.key(1), (64, d))
+    spec = lora.LoraSpec(rank=d, alpha=d, targets="stack", dropout=RATE)
+    frozen, adapters = lora.split(params, spec, key=KEY, trace=lambda p: fn(p, x))
+    adapters = _identity_adapters(frozen, adapters, "stack")
+    base = fn(params, x)
+    delta = np.asarray(lora.wrap(fn, strict=True)(frozen, adapters, x, lora_dropout_key=jax.random.key(5)) - base)
+    dropped = np.abs(delta) < 1e-3
+    for layer in range(layers):
+        kept = ~dropped[layer]
+        np.testing.assert_allclose(delta[layer][kept], (np.asarray(x) / (1 - RATE))[kept], rtol=1e-4, atol=1e-4)
+        assert abs(dropped[layer].mean() - RATE) < 0.04, dropped[layer].mean()  # 1024 draws: std 0.0125
+        for other in range(layer):
+            assert (dropped[layer] != dropped[other]).mean() > 0.15  # independent masks differ in ~32%
 
 
 def test_error_bad_dropout():

@@ -33,8 +33,11 @@ def test_step_time_benchmark_runs_tiny(mode):
 
 
 def test_llama_flops_benchmark_runs_tiny():
-    record = _run_script(ROOT / "benchmarks" / "flops.py", "--model", "tiny", "--seq", "32", "--batch", "2")
-    assert record["lora_over_full"] < 1.0
+    argv = ("--model", "tiny", "--seq", "32", "--batch", "2", "--rank", "4")
+    record = _run_script(ROOT / "benchmarks" / "flops.py", *argv)
+    # ~0.70 at this size: LoRA skips the frozen weights' gradients (~4N of 6N FLOPs per token), while a
+    # step that still formed them would score ~1.0.
+    assert record["lora_over_full"] <= 0.75
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -75,11 +76,28 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="module")
-def untied(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """One checkpoint for the (compile-heavy) decoding tests."""
-    directory = tmp_path_factory.mktemp("decode")
-    _save_hf_model(directory, tied=False, seed=2)
-    return directory
+def decoders() -> dict[bool, tuple[LlamaConfig, dict]]:
+    """A random untied Llama built in Flax (no torch needed), per ``scan_layers``: ``(config, variables)``.
+
+    Weights and norm scales are drawn as in `_save_hf_model`, so logits are far from uniform.
+    """
+    config = LlamaConfig(**SMALL, rope_theta=ROPE_THETA, tie_word_embeddings=False)
+    variables = LlamaForCausalLM(config).init(jax.random.key(2), jnp.zeros((1, 4), jnp.int32))
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    variables = treedef.unflatten(
+        [
+            1.0 + 0.2 * jax.random.normal(k, x.shape) if x.ndim == 1 else 0.05 * jax.random.normal(k, x.shape)
+            for k, x in zip(keys, leaves)
+        ]
+    )
+    return {False: (config, variables), True: (config.replace(scan_layers=True), stack_layers(variables))}
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(config: LlamaConfig):
+    """One compiled forward per config, shared by every test that recomputes logits."""
+    return jax.jit(LlamaForCausalLM(config).apply)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -130,22 +148,33 @@ def test_scan_and_unscan_trees_round_trip(checkpoint) -> None:
         stack_layers({"params": {"encoder": {}}})
 
 
+def _loss(variables, model):
+    return jnp.mean(model.apply(variables, jnp.asarray(IDS)) ** 2)
+
+
+_grad = jax.jit(jax.grad(_loss), static_argnums=1)
+
+
+@pytest.fixture(scope="module")
+def reference_logits_and_grads(decoders):
+    """The plain (no scan, no remat) model's logits and gradients, computed once."""
+    config, variables = decoders[False]
+    model = LlamaForCausalLM(config)
+    return _jitted_apply(config)(variables, jnp.asarray(IDS)), _grad(variables, model)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_remat_and_scan_give_identical_logits_and_grads(untied, scan_layers: bool) -> None:
-    directory = untied
-    config, variables = load_hf_checkpoint(directory)
-    reference = LlamaForCausalLM(config).apply(variables, jnp.asarray(IDS))
-    other_config, other = load_hf_checkpoint(directory, scan_layers=scan_layers, remat=True)
-    model = LlamaForCausalLM(other_config)
-    np.testing.assert_allclose(model.apply(other, jnp.asarray(IDS)), reference, atol=1e-5)
-
-    def loss(v, m):
-        return jnp.mean(m.apply(v, jnp.asarray(IDS)) ** 2)
-
-    expected = jax.jit(jax.grad(loss), static_argnums=1)(variables, LlamaForCausalLM(config))
-    grads = jax.jit(jax.grad(loss), static_argnums=1)(other, model)
+def test_remat_and_scan_give_identical_logits_and_grads(
+    decoders, reference_logits_and_grads, scan_layers: bool
+) -> None:
+    reference, expected = reference_logits_and_grads
+    config, variables = decoders[scan_layers]
+    model = LlamaForCausalLM(config.replace(remat=True))
+    np.testing.assert_allclose(model.apply(variables, jnp.asarray(IDS)), reference, atol=1e-5)
+    grads = _grad(variables, model)
     if scan_layers:
         grads = unstack_layers(grads)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected)) > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, expected)
 
 
@@ -169,10 +198,9 @@ def test_bfloat16_is_close_to_float32(checkpoint) -> None:
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_cached_decoding_matches_full_forward(untied, scan_layers: bool) -> None:
-    config, variables = load_hf_checkpoint(untied, scan_layers=scan_layers)
-    model = LlamaForCausalLM(config)
-    apply = jax.jit(model.apply)
+def test_cached_decoding_matches_full_forward(decoders, scan_layers: bool) -> None:
+    config, variables = decoders[scan_layers]
+    apply = _jitted_apply(config)
     ids = jnp.asarray(IDS)
     full = apply(variables, ids)
     cache = init_cache(config, 2, 16)
@@ -191,7 +219,7 @@ def _greedy_by_recomputing(model, variables, prompt: list[int], steps: int) -> l
     # zeros after the current length irrelevant to the logits read.
     buffer = np.zeros((1, len(prompt) + steps), np.int32)
     buffer[0, : len(prompt)] = prompt
-    apply = jax.jit(model.apply)
+    apply = _jitted_apply(model.config)
     for t in range(len(prompt), len(prompt) + steps):
         logits = apply(variables, jnp.asarray(buffer))
         buffer[0, t] = int(jnp.argmax(logits[0, t - 1]))
@@ -199,8 +227,8 @@ def _greedy_by_recomputing(model, variables, prompt: list[int], steps: int) -> l
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_greedy_generation_matches_recomputation(untied, scan_layers: bool) -> None:
-    config, variables = load_hf_checkpoint(untied, scan_layers=scan_layers)
+def test_greedy_generation_matches_recomputation(decoders, scan_layers: bool) -> None:
+    config, variables = decoders[scan_layers]
     model = LlamaForCausalLM(config)
     prompt = [5, 17, 99, 3]
     expected = _greedy_by_recomputing(model, variables, prompt, 8)
@@ -209,8 +237,8 @@ def test_greedy_generation_matches_recomputation(untied, scan_layers: bool) -> N
     assert out.tolist() == expected
 
 
-def test_generation_stops_on_eos_and_pads(untied) -> None:
-    config, variables = load_hf_checkpoint(untied)
+def test_generation_stops_on_eos_and_pads(decoders) -> None:
+    config, variables = decoders[False]
     model = LlamaForCausalLM(config)
     prompt = [5, 17, 99, 3]
     free = _greedy_by_recomputing(model, variables, prompt, 6)
@@ -220,8 +248,8 @@ def test_generation_stops_on_eos_and_pads(untied) -> None:
     assert out.tolist() == free[: first + 1] + [0] * (5 - first)
 
 
-def test_left_padded_batch_matches_single_prompts(untied) -> None:
-    config, variables = load_hf_checkpoint(untied)
+def test_left_padded_batch_matches_single_prompts(decoders) -> None:
+    config, variables = decoders[False]
     model = LlamaForCausalLM(config)
     short, long = [7, 8], [1, 2, 3, 4, 5]
     batch = np.array([[0, 0, 0, *short], long])
@@ -231,8 +259,8 @@ def test_left_padded_batch_matches_single_prompts(untied) -> None:
     assert out[1].tolist() == _greedy_by_recomputing(model, variables, long, 5)
 
 
-def test_sampling_is_seeded_and_respects_top_k(untied) -> None:
-    config, variables = load_hf_checkpoint(untied)
+def test_sampling_is_seeded_and_respects_top_k(decoders) -> None:
+    config, variables = decoders[False]
     model = LlamaForCausalLM(config)
     kwargs = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, key=jax.random.key(1))
     a = generate(model, variables, [1, 2, 3], **kwargs)
@@ -257,8 +285,71 @@ def test_sample_logits_filters() -> None:
     assert draw() == {0, 1, 2, 3}
 
 
-def test_generate_argument_errors(untied) -> None:
-    config, variables = load_hf_checkpoint(untied)
+FIXED = np.array([0.5, 0.3, 0.15, 0.05])
+
+
+def _target(temperature: float, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    p = FIXED ** (1.0 / temperature)
+    p = p / p.sum()
+    if top_k is not None:
+        p[top_k:] = 0.0
+    if top_p is not None:
+        p[np.searchsorted(np.cumsum(p) - p, top_p, side="left") :] = 0.0
+    return p / p.sum()
+
+
+def _assert_frequencies(tokens: np.ndarray, p: np.ndarray) -> None:
+    freq = np.bincount(np.asarray(tokens).ravel(), minlength=len(p)) / tokens.size
+    sigma = np.sqrt(p * (1 - p) / tokens.size)
+    assert np.all(np.abs(freq - p) <= 4 * sigma + 1e-12), (freq.round(4), p.round(4))
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, None, None), (0.5, None, None), (2.0, None, None), (1.0, 2, None), (1.0, None, 0.7)],
+)
+def test_sample_logits_follows_the_distribution(temperature, top_k, top_p) -> None:
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(FIXED, jnp.float32)), (8000, len(FIXED)))
+    tokens = sample_logits(logits, jax.random.key(4), temperature=temperature, top_k=top_k, top_p=top_p)
+    _assert_frequencies(np.asarray(tokens), _target(temperature, top_k, top_p))
+
+
+def _fixed_logits(params, input_ids, *, positions, attention_mask, cache):
+    """A stand-in model whose next-token distribution is always FIXED."""
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(FIXED, jnp.float32)), (*input_ids.shape, len(FIXED)))
+    return logits, cache
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.5, None), (1.0, 2)])
+def test_generate_samples_the_model_distribution(decoders, temperature, top_k) -> None:
+    config, _ = decoders[False]
+    prompts = np.ones((64, 1), np.int32)
+    tokens = generate(
+        LlamaForCausalLM(config),
+        {},
+        prompts,
+        max_new_tokens=40,
+        temperature=temperature,
+        top_k=top_k,
+        key=jax.random.key(5),
+        apply_fn=_fixed_logits,
+    )
+    assert tokens.shape == (64, 40)
+    _assert_frequencies(np.asarray(tokens), _target(temperature, top_k))
+
+
+def test_sampling_with_different_keys_gives_different_sequences(decoders) -> None:
+    config, variables = decoders[False]
+    model = LlamaForCausalLM(config)
+    outs = {
+        tuple(generate(model, variables, [1, 2, 3], max_new_tokens=8, temperature=1.0, key=jax.random.key(i)).tolist())
+        for i in range(3)
+    }
+    assert len(outs) == 3
+
+
+def test_generate_argument_errors(decoders) -> None:
+    config, variables = decoders[False]
     model = LlamaForCausalLM(config)
     with pytest.raises(ValueError, match="needs a PRNG `key`"):
         generate(model, variables, [1, 2], max_new_tokens=2, temperature=1.0)

@@ -181,7 +181,15 @@ def test_uneven_rule_is_reported(sharded_run):
 
 
 def test_frozen_weights_are_never_gathered(sharded_run):
-    # No collective in the compiled LoRA step moves a weight-sized array...
-    assert sharded_run["weight_collectives"] == []
-    # ...while the detector does see the dW all-reduce of full fine-tuning.
-    assert sharded_run["full_ft_weight_collectives"] > 0
+    shapes = sharded_run["weight_shapes"]
+    # The detector matches each weight's per-device shard and one layer of the stack, not only the full shape.
+    assert [12, 20] in shapes["up"] and [20, 18] in shapes["down"] and [18, 9] in shapes["stack"]
+    # No collective in the compiled LoRA step moves an array of a frozen weight's shape...
+    assert sharded_run["weight_collectives"] == {name: [] for name in shapes}
+    # ...nor does the plain forward pass, so no activation shares those shapes either.
+    assert sharded_run["inference_weight_collectives"] == {name: [] for name in shapes}
+    # Positive controls: the detector sees the gradient reduction of every kind of weight (column-parallel,
+    # row-parallel, stacked) both in full fine-tuning and in LoRA that forms W + s·A@B for each matmul.
+    for control in ("full_ft_weight_reductions", "merged_weight_reductions"):
+        for name in ("up", "down", "stack"):
+            assert sharded_run[control][name], (control, name, sharded_run[control])
