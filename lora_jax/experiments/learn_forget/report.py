@@ -46,6 +46,10 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
       fine-tuning; and at matched learning, against the full fine-tuning cell
       (any rate) whose learning metric is closest.
     - ``sweep_complete``: whether every method had at least three rates.
+
+    >>> summary = summarise(run_study(PRESETS["long"], config, params, tok))  # doctest: +SKIP
+    >>> summary["lr_ratio"]["code"]["lora16"]  # doctest: +SKIP
+    10.0
     """
     cells = results["cells"]
     config = results["config"]
@@ -125,7 +129,10 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 
 def format_report(results: Mapping[str, Any]) -> str:
-    """The study's tables as Markdown (what ``report.md`` holds)."""
+    """The study's tables as Markdown (what ``report.md`` holds).
+
+    >>> pathlib.Path("report.md").write_text(format_report(results))  # doctest: +SKIP
+    """
     cfg, summary, base = results["config"], results["summary"], results["base"]
     out = [
         f"# LoRA learns less and forgets less: {results['model']}, preset `{cfg['name']}`",
@@ -210,6 +217,9 @@ def plot_results(results: Mapping[str, Any], directory: str | pathlib.Path) -> l
 
     Returns:
       The paths written.
+
+    >>> [p.name for p in plot_results(results, "runs/long")]  # doctest: +SKIP
+    ['learn_forget.png', 'lr_sweep.png', 'spectra.png']
     """
     from matplotlib.figure import Figure
 

@@ -88,6 +88,8 @@ def intruder_records(
 
     Returns:
       One record per matrix: ``path``, ``layer``, ``intruders`` (of the top ``top_k``).
+
+    >>> records = intruder_records(params, tuned, layouts, layers=[0, 15, 29])  # doctest: +SKIP
     """
     out = []
     for path, layer, w0, w1 in _matrices(before, after, layouts):
