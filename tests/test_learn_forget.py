@@ -168,7 +168,7 @@ def test_summarise_picks_best_rates_and_matches_learning():
     assert v["learns_less"] and v["forgets_less"]
     assert v["forgetting_change"] == pytest.approx(0.70 - 0.90)
     # At matched learning the nearest full cell is 2e-4 (ppl 11.0 vs LoRA's 10.9).
-    assert v["matched_full_cell"] == "code-full-lr2e-04"
+    assert v["matched_full_cell"] == "code-full-lr2.0e-04"
     assert v["forgetting_change_at_matched_learning"] == pytest.approx(0.70 - 1.20)
     m = s["versus_full"]["math"]["lora16"]
     assert not m["learns_less"] and m["learning_change"] == pytest.approx(0.1)

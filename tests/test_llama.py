@@ -23,37 +23,14 @@ from lora_jax.models.llama import (
     unstack_layers,
 )
 from lora_jax.models.loaders import load_hf_checkpoint
-
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=64,
-)
-ROPE_THETA = 5000.0
+from tests._hf import ROPE_THETA, SMALL, random_hf_llama
 
 
 def _save_hf_model(directory: pathlib.Path, *, tied: bool, seed: int = 0) -> object:
     """Saves a random transformers Llama (norm weights randomised too) and returns it."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=tied)
-    # transformers >= 5 keeps rope settings in `rope_parameters`, older in `rope_theta`.
-    if getattr(config, "rope_parameters", None) is not None:
-        config.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
-    else:
-        config.rope_theta = ROPE_THETA
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2 if param.ndim == 1 else 0.05)
-            if param.ndim == 1:
-                param.add_(1.0)
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    model = random_hf_llama(tied=tied, seed=seed)
     model.save_pretrained(directory)
     return model
 

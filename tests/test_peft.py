@@ -18,23 +18,13 @@ import pytest
 import lora_jax as lora
 from lora_jax.models import LlamaForCausalLM, load_hf_checkpoint
 from lora_jax.peft import NameMap, export_merged_hf, export_peft, frozen_for, import_peft, llama_name_map
+from tests._hf import ROPE_THETA, SMALL, random_hf_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=64,
-)
-ROPE_THETA = 5000.0
 IDS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], size=(2, 11))
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATOL = 1e-4
@@ -62,20 +52,7 @@ def _third_party_warnings():
 
 def _hf_model(tied: bool, seed: int = 0):
     """A random transformers Llama with randomised norms too."""
-    config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=tied)
-    # transformers >= 5 keeps rope settings in `rope_parameters`, older in `rope_theta`.
-    if getattr(config, "rope_parameters", None) is not None:
-        config.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
-    else:
-        config.rope_theta = ROPE_THETA
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2 if param.ndim == 1 else 0.05)
-            if param.ndim == 1:
-                param.add_(1.0)
-    return model
+    return random_hf_llama(tied=tied, seed=seed)
 
 
 def _torch_logits(model) -> np.ndarray:

@@ -175,7 +175,7 @@ def format_report(results: Mapping[str, Any]) -> str:
         for r in rows:
             f = r["forgetting"]
             out.append(
-                f"| {r['method']} | {r['trainable_params']:,} | {r['learning_rate']:.0e} ({len(r['rates_tried'])}) | "
+                f"| {r['method']} | {r['trainable_params']:,} | {r['learning_rate']:.2g} ({len(r['rates_tried'])}) | "
                 + " | ".join(_fmt(r["learning"].get(k)) for k in learn_keys)
                 + f" | {_fmt(f.get('probe_nll'))} | {_fmt(f.get('probe_retained'))} | {_fmt(f['english_ppl'])} | "
                 f"{_fmt(r['intruders_mean'], '.2f')} | {_fmt(r['median_step_seconds'], '.2f')} |"
@@ -247,7 +247,7 @@ def plot_results(results: Mapping[str, Any], directory: str | pathlib.Path) -> l
             ax.scatter(xs, ys, color=colors[method], alpha=0.35, s=18)
             top = next(r for r in summary["best"][domain] if r["method"] == method)
             ax.scatter([top["learning"][key]], [_forgetting(top["forgetting"])], color=colors[method], s=70,
-                       edgecolor="black", zorder=3, label=f"{method} (best lr {top['learning_rate']:.0e})")  # fmt: skip
+                       edgecolor="black", zorder=3, label=f"{method} (best lr {top['learning_rate']:.2g})")  # fmt: skip
         better = "lower" if direction == "min" else "higher"
         ax.set_xlabel(f"{key} ({better} = learned more)")
         ax.set_ylabel(forget_label)

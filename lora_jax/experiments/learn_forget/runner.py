@@ -27,12 +27,12 @@ _ALL_PROJECTIONS = Method("lora1", 1, "all").targets
 
 
 def cell_id(domain: str, method: Method, learning_rate: float) -> str:
-    """A cell's name, e.g. ``code-lora16-attn-lr5e-04``.
+    """A cell's name, e.g. ``code-lora16-attn-lr1.5e-04`` (two significant digits of the rate).
 
     >>> cell_id("code", Method("lora16", 16), 5e-4)
-    'code-lora16-lr5e-04'
+    'code-lora16-lr5.0e-04'
     """
-    return f"{domain}-{method.name}-lr{learning_rate:.0e}"
+    return f"{domain}-{method.name}-lr{learning_rate:.1e}"
 
 
 def _spaced(count: int, total: int) -> list[int] | None:
