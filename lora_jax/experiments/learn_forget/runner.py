@@ -108,10 +108,13 @@ def run_study(
         log("base model: scores from the store")
     else:
         log("base model: scoring")
+        t0 = time.perf_counter()
         base = {
             "learning": {d: evaluator.learning(params, d) for d in config.domains},
             "forgetting": evaluator.forgetting(params),
         }
+        base["seconds"] = time.perf_counter() - t0
+        log(f"base model: scored in {base['seconds']:.0f} s")
         if store is not None:
             store.save("base", base)
 
