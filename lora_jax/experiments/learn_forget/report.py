@@ -78,7 +78,6 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
                     "forgetting": top["forgetting"],
                     "intruders_mean": top["intruders"]["mean"],
                     "median_step_seconds": top["median_step_seconds"],
-                    "cell": top,
                 }
             )
         best[domain] = rows
@@ -277,7 +276,8 @@ def plot_results(results: Mapping[str, Any], directory: str | pathlib.Path) -> l
     paths.append(directory / "lr_sweep.png")
     fig.savefig(paths[-1], dpi=120)
 
-    fulls = [r["cell"] for rows in summary["best"].values() for r in rows if "update_rank" in r["cell"]]
+    by_id = {c["id"]: c for c in cells}
+    fulls = [by_id[r["cell_id"]] for rows in summary["best"].values() for r in rows if r["method"] == "full"]
     if fulls:
         fig = Figure(figsize=(11, 4.2), layout="constrained")
         ax, ax2 = fig.subplots(1, 2)

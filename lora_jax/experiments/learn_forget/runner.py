@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -172,8 +172,3 @@ def run_study(
     results["summary"] = report.summarise(results)
     results["wall_seconds"] = time.perf_counter() - start
     return results
-
-
-def best_cells(results: dict[str, Any]) -> Sequence[dict[str, Any]]:
-    """The best-learning-rate cell of every (domain, method)."""
-    return [row["cell"] for rows in results["summary"]["best"].values() for row in rows]
