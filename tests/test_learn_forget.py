@@ -143,7 +143,8 @@ def _cell(domain, method, lr, learn, forget):
 
 def test_summarise_picks_best_rates_and_matches_learning():
     code = lambda ppl: {"code_ppl": ppl}  # noqa: E731
-    nll = lambda x: {"probe_nll": x, "english_ppl": 50.0}  # noqa: E731
+    # Forgetting is the share of the base model's right probe answers now lost.
+    nll = lambda x: {"probe_nll": 9.0, "probe_retained": 1.0 - x, "english_ppl": 50.0}  # noqa: E731
     cells = [
         _cell("code", "full", 1e-5, code(12.0), nll(0.60)),
         _cell("code", "full", 5e-5, code(10.0), nll(0.90)),  # full's best rate
@@ -167,6 +168,7 @@ def test_summarise_picks_best_rates_and_matches_learning():
     v = s["versus_full"]["code"]["lora16"]
     assert v["learns_less"] and v["forgets_less"]
     assert v["forgetting_change"] == pytest.approx(0.70 - 0.90)
+    assert s["base_forgetting"] == pytest.approx(0.5)
     # At matched learning the nearest full cell is 2e-4 (ppl 11.0 vs LoRA's 10.9).
     assert v["matched_full_cell"] == "code-full-lr2.0e-04"
     assert v["forgetting_change_at_matched_learning"] == pytest.approx(0.70 - 1.20)

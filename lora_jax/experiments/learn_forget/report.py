@@ -22,8 +22,14 @@ def _learning_key(cell: Mapping[str, Any]) -> tuple[float, ...]:
 
 
 def _forgetting(f: Mapping[str, Any]) -> float:
-    """The forgetting measure the comparisons use: probe NLL (English perplexity without probes)."""
-    return f["probe_nll"] if f.get("probe_nll") is not None else f["english_ppl"]
+    """The forgetting measure the comparisons use: the share of the probes the base model answered right
+    that are now answered wrong (English perplexity when there are no such probes). Higher is more forgetting.
+
+    The share lost is the direct measure of a lost skill. The NLL of the reference answers is reported
+    beside it but not used here: training can make the model more confident on short answers in
+    general, lowering that NLL while answers flip.
+    """
+    return 1.0 - f["probe_retained"] if f.get("probe_retained") is not None else f["english_ppl"]
 
 
 def one_line(cell: Mapping[str, Any]) -> str:
@@ -144,6 +150,8 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"- LoRA alpha: {'2·rank (Biderman et al.)' if cfg['alpha'] == '2r' else cfg['alpha'] + ' (fixed)'}.",
         f"- Forgetting probes: {results['probes_scored']} scored, {results['probes_base_correct']} answered right by "
         "the base model (accuracy after training is over those).",
+        '- Forgetting in the comparisons ("forgets less", "forgetting Δ"): the share of those probes answered '
+        "wrong after training. The NLL of their reference answers and Shakespeare perplexity are reported beside it.",
         f"- Wall time: {_fmt(results.get('wall_seconds'), '.0f')} s.",
         "",
     ]
@@ -227,8 +235,11 @@ def plot_results(results: Mapping[str, Any], directory: str | pathlib.Path) -> l
     cfg, cells, base, summary = results["config"], results["cells"], results["base"], results["summary"]
     colors = {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(cfg["methods"])}
     domains = cfg["domains"]
-    forget_label = "probe NLL (higher = forgot more)" if base["forgetting"].get("probe_nll") is not None else (
-        "English perplexity (higher = forgot more)")  # fmt: skip
+    forget_label = (
+        "share of the base model's right probe answers lost (higher = forgot more)"
+        if base["forgetting"].get("probe_retained") is not None
+        else "English perplexity (higher = forgot more)"
+    )
     paths = []
 
     fig = Figure(figsize=(5.6 * len(domains), 4.6), layout="constrained")
