@@ -236,7 +236,7 @@ def plot_results(results: Mapping[str, Any], directory: str | pathlib.Path) -> l
     colors = {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(cfg["methods"])}
     domains = cfg["domains"]
     forget_label = (
-        "share of the base model's right probe answers lost (higher = forgot more)"
+        "probes lost: share of base's right answers\nnow wrong (higher = forgot more)"
         if base["forgetting"].get("probe_retained") is not None
         else "English perplexity (higher = forgot more)"
     )
@@ -311,6 +311,7 @@ def plot_results(results: Mapping[str, Any], directory: str | pathlib.Path) -> l
                 values.append(r["intruders_mean"])
                 cols.append(colors[r["method"]])
         ax2.bar(labels, values, color=cols)
+        ax2.set_ylim(0, max(1.0, 1.2 * max(values, default=0.0)))  # a row of zeros still reads as zero
         ax2.set_ylabel(f"intruder dimensions per matrix (of top {cfg['intruder_top_k']})")
         ax2.set_title("Intruder dimensions at each method's best rate")
         ax2.tick_params(axis="x", labelsize=7)
