@@ -12,7 +12,7 @@ Writes ``results.json``, ``report.md`` and PNG plots to ``--out`` (default
 ``runs/<preset>``). Finished cells are kept in ``--out``/cells, so a stopped run
 started again with the same command resumes where it left off.
 
-    python examples/learn_forget.py                     # preset default: ~15 min on 2 CPU cores, no claims
+    python examples/learn_forget.py                     # preset default: ~17 min on 2 CPU cores, no claims
     python examples/learn_forget.py --preset long       # the learning-rate sweep behind the README's results
     python examples/learn_forget.py --preset gpu        # the full grid, for an accelerator
     python examples/learn_forget.py --smoke             # a tiny random model, seconds (for tests)

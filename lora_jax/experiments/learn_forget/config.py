@@ -239,7 +239,7 @@ PRESETS: dict[str, StudyConfig] = {
         math_problems=32,
         analysis_layers=3,
         note=(
-            "a subset of the grid that finishes in about 15 minutes on a 2-core CPU: one learning rate per "
+            "a subset of the grid that finishes in under 20 minutes on a 2-core CPU: one learning rate per "
             "method, so it makes no claim about best rates; run --preset long for the sweep"
         ),
     ),
