@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.models.generate import generate, sample_logits
+from lora_jax.models.generate import generate, generate_many, sample_logits
 from lora_jax.models.llama import (
     KVCache,
     LlamaConfig,
@@ -223,6 +223,19 @@ def test_generation_stops_on_eos_and_pads(decoders) -> None:
     first = free.index(eos)
     out = generate(model, variables, prompt, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert out.tolist() == free[: first + 1] + [0] * (5 - first)
+
+
+def test_generate_many_batches_pads_and_cuts_at_eos(decoders) -> None:
+    config, variables = decoders[False]
+    model = LlamaForCausalLM(config)
+    prompts = [[7, 8], [1, 2, 3, 4, 5], [9], [4, 4, 4]]  # two batches of 3, the second filled up
+    free = [_greedy_by_recomputing(model, variables, p, 5) for p in prompts]
+    assert generate_many(model, variables, prompts, max_new_tokens=5, pad_token_id=0, batch_size=3) == free
+    eos = free[1][2]
+    cut = generate_many(model, variables, prompts, max_new_tokens=5, pad_token_id=0, eos_token_id=eos, batch_size=3)
+    assert cut == [f[: f.index(eos)] if eos in f else f for f in free] and len(cut[1]) == free[1].index(eos)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate_many(model, variables, [[1], []], max_new_tokens=2, pad_token_id=0)
 
 
 def test_left_padded_batch_matches_single_prompts(decoders) -> None:

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.generate import generate
+from lora_jax.models.generate import generate_many
 from lora_jax.models.llama import LlamaForCausalLM
 
 __all__ = [
@@ -399,33 +399,12 @@ def greedy_answers(
     if not probes:
         raise ValueError("`probes` is empty; pass at least one probe.")
     prompts = [prompt_ids(tokenizer, probe) for probe in probes]
-    eos = tokenizer.eos_token_id
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
-        length = _round_up(max(len(p) for p in chunk), _LENGTH_MULTIPLE)
-        ids = np.full((batch_size, length), tokenizer.pad_token_id, np.int32)
-        mask = np.zeros((batch_size, length), np.int32)
-        for i, prompt in enumerate(chunk):
-            ids[i, length - len(prompt) :] = prompt
-            mask[i, length - len(prompt) :] = 1
-        tokens = generate(
-            model,
-            params,
-            ids,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-            prompt_mask=mask,
-            apply_fn=apply_fn,
-        )
-        for row in np.asarray(tokens)[: len(prompts) - start]:
-            row = list(row)
-            if eos in row:
-                row = row[: row.index(eos)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True))
-    return answers
+    tokens = generate_many(
+        model, params, prompts, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, length_multiple=_LENGTH_MULTIPLE,
+        apply_fn=apply_fn,
+    )  # fmt: skip
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
 
 def evaluate_probes(

@@ -1,6 +1,6 @@
 """Pretrained language models for the experiments: a Flax Llama, loaders, tokenizer, generation."""
 
-from lora_jax.models.generate import generate, sample_logits
+from lora_jax.models.generate import generate, generate_many, sample_logits
 from lora_jax.models.llama import (
     KVCache,
     LlamaConfig,
@@ -27,6 +27,7 @@ __all__ = [
     "Tokenizer",
     "flax_path",
     "generate",
+    "generate_many",
     "hf_key",
     "init_cache",
     "load_gguf",

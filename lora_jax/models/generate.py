@@ -21,7 +21,7 @@ import numpy as np
 
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_cache
 
-__all__ = ["generate", "sample_logits"]
+__all__ = ["generate", "generate_many", "sample_logits"]
 
 PyTree = Any
 ApplyFn = Callable[..., Any]
@@ -263,3 +263,71 @@ def generate(
         use_top_p=top_p is not None,
     )
     return tokens[0] if squeeze else tokens
+
+
+def generate_many(
+    model: LlamaForCausalLM,
+    params: PyTree,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | None = None,
+    batch_size: int = 16,
+    length_multiple: int = 16,
+    apply_fn: ApplyFn | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of prompts of any lengths, in fixed-size batches.
+
+    Prompts are left-padded to a multiple of ``length_multiple`` (so a few
+    shapes cover them all and the compiled program is reused) and the last
+    batch is filled with copies of its first prompt; each continuation is
+    cut before its first ``eos_token_id``.
+
+    Args:
+        model: The :class:`LlamaForCausalLM`.
+        params: The variables for ``apply_fn``.
+        prompts: Token id lists, at least one, each non-empty.
+        max_new_tokens: Tokens generated per prompt.
+        pad_token_id: Id written into the left padding.
+        eos_token_id: End-of-sequence id, or ``None``.
+        batch_size: Prompts per call to :func:`generate`.
+        length_multiple: Padded prompt lengths are multiples of this.
+        apply_fn: As for :func:`generate`.
+
+    Returns:
+        One list of generated ids per prompt, in order, without the EOS token.
+
+    Raises:
+        ValueError: If ``prompts`` or a prompt is empty, or ``batch_size`` is not positive.
+
+    >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                      num_hidden_layers=1, num_attention_heads=2)
+    >>> model = LlamaForCausalLM(config)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    >>> [len(t) for t in generate_many(model, variables, [[1, 2], [3]], max_new_tokens=3, pad_token_id=0)]
+    [3, 3]
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("`prompts` must be a non-empty list of non-empty token id lists.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch_size - real)
+        length = -(-max(len(p) for p in chunk) // length_multiple) * length_multiple
+        ids = np.full((batch_size, length), pad_token_id, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for i, prompt in enumerate(chunk):
+            ids[i, length - len(prompt) :] = prompt
+            mask[i, length - len(prompt) :] = 1
+        tokens = generate(
+            model, params, ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, prompt_mask=mask, apply_fn=apply_fn,
+        )  # fmt: skip
+        for row in np.asarray(tokens)[:real]:
+            row = [int(t) for t in row]
+            out.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
+    return out

@@ -15,7 +15,7 @@ from lora_jax.experiments import data as data_lib
 from lora_jax.experiments import execution, probes, scoring
 from lora_jax.experiments.learn_forget.config import StudyConfig
 from lora_jax.experiments.learn_forget.tasks import Tasks
-from lora_jax.models import LlamaForCausalLM, generate
+from lora_jax.models import LlamaForCausalLM, generate_many
 
 __all__ = ["Evaluator"]
 
@@ -106,25 +106,13 @@ class Evaluator:
         return float(sums.sum() / counts.sum())
 
     def greedy(self, params: PyTree, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
-        """Greedy continuations of left-padded prompts, decoded, in batches."""
-        out: list[str] = []
-        batch = max(self.config.eval_batch_size, 16)
-        length = _round_up(max(len(p) for p in prompts), 32)  # one compile for all batches
-        for start in range(0, len(prompts), batch):
-            chunk = list(prompts[start : start + batch])
-            real = len(chunk)
-            chunk += [chunk[0]] * (batch - real)
-            ids = np.full((batch, length), self.tokenizer.pad_token_id, np.int32)
-            mask = np.zeros((batch, length), np.int32)
-            for i, p in enumerate(chunk):
-                ids[i, length - len(p) :] = p
-                mask[i, length - len(p) :] = 1
-            tokens = generate(
-                self.model, params, ids, prompt_mask=mask, max_new_tokens=max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )  # fmt: skip
-            out += [self.tokenizer.decode(list(np.asarray(t))) for t in tokens[:real]]
-        return out
+        """Greedy continuations of the prompts, decoded."""
+        tokens = generate_many(
+            self.model, params, prompts, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id, batch_size=max(self.config.eval_batch_size, 16),
+            length_multiple=32,
+        )  # fmt: skip
+        return [self.tokenizer.decode(t) for t in tokens]
 
     # -- the measurements ---------------------------------------------------------------------------
 
