@@ -294,3 +294,20 @@ def test_forgetting_scores_only_the_probes_the_base_model_answers(monkeypatch):
     right.discard(probe_set[3].id)  # after "training", one of the two is forgotten
     after = ev.forgetting(params)
     assert after["probe_retained"] == 0.5 and after["probe_nll"] == pytest.approx(base["probe_nll"], rel=1e-5)
+
+
+def test_smoke_study_in_bfloat16_trains_the_adapters():
+    """The study's own setting: bfloat16 compute over float32 weights and adapters; LoRA must still learn."""
+    from lora_jax.experiments.learn_forget import run_study
+    from lora_jax.experiments.learn_forget.smoke import ByteTokenizer, tiny_model
+
+    config = dataclasses.replace(
+        PRESETS["smoke"], compute_dtype="bfloat16", domains=("code",), methods=("lora4",), lora_lrs=(5e-2,),
+        humaneval_problems=0, probes=1,
+    )  # fmt: skip
+    model_config, params = tiny_model()
+    results = run_study(config, model_config, params, ByteTokenizer(), train_documents=8, eval_documents=4,
+                        log=lambda line: None)  # fmt: skip
+    (cell,) = results["cells"]
+    assert cell["train_loss"][-1] < cell["train_loss"][0] - 0.1
+    assert cell["learning"]["code_ppl"] < 0.9 * results["base"]["learning"]["code"]["code_ppl"]
