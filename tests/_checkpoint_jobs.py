@@ -6,6 +6,7 @@ process. ``big-save``: saves one small step, then starts a large save for the
 test to kill midway. ``sharded``: saves adapters and optimizer state sharded
 over 8 fake devices and restores them onto the mesh from the base weights'
 shardings. ``read-merged``: reads a merged export with orbax alone.
+``restore``: restores a checkpoint and prints the error it raises, if any.
 """
 
 import argparse
@@ -152,6 +153,17 @@ def _sharded(args: argparse.Namespace) -> None:
     print("REPORT " + json.dumps(report), flush=True)
 
 
+def _restore(args: argparse.Namespace) -> None:
+    from lora_jax import checkpoint
+
+    try:
+        state = checkpoint.restore(args.dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{type(e).__name__}: {e}", flush=True)
+        return
+    print(f"RESTORED step {state.step}", flush=True)
+
+
 def _read_merged(args: argparse.Namespace) -> None:
     import jax
     import orbax.checkpoint as ocp
@@ -164,14 +176,16 @@ def _read_merged(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("job", choices=["resume", "big-save", "sharded", "read-merged"])
+    parser.add_argument("job", choices=["resume", "big-save", "sharded", "read-merged", "restore"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--out")
     parser.add_argument("--mode", choices=["straight", "save-and-die", "resume"], default="straight")
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--total", type=int, default=20)
     args = parser.parse_args()
-    {"resume": _resume, "big-save": _big_save, "sharded": _sharded, "read-merged": _read_merged}[args.job](args)
+    jobs = {"resume": _resume, "big-save": _big_save, "sharded": _sharded, "read-merged": _read_merged}
+    jobs["restore"] = _restore
+    jobs[args.job](args)
 
 
 if __name__ == "__main__":
