@@ -70,7 +70,6 @@ class Evaluator:
             return (nll * m).sum(-1), m.sum(-1)
 
         self._nll_rows = nll_rows
-        self._apply = model.apply
 
     # -- building blocks ------------------------------------------------------------------------
 
