@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax.extend import core as jcore
+
+from lora_jax import _primitives as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,106 +93,154 @@ def reshape_chunks(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[in
     return chunks
 
 
-_PASS_THROUGH = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
-_CALLS = {"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call"}
-
-
-def _body(params: dict) -> tuple[jcore.Jaxpr, Sequence[Any]]:
-    body = params.get("jaxpr", params.get("call_jaxpr"))
-    if isinstance(body, jcore.ClosedJaxpr):
-        return body.jaxpr, body.consts
-    return body, ()
-
-
-def _walk(jaxpr: jcore.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> None:
+def _walk(jaxpr: P.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> None:
     env: dict[Any, _Tag] = {v: t for v, t in zip(jaxpr.invars, tags) if t is not None}
 
     def tag_of(v: Any) -> _Tag | None:
-        return None if isinstance(v, jcore.Literal) else env.get(v)
+        return None if isinstance(v, P.Literal) else env.get(v)
 
     for eqn in jaxpr.eqns:
         in_tags = [tag_of(v) for v in eqn.invars]
         if not any(t is not None for t in in_tags):
             continue
-        name, params = eqn.primitive.name, eqn.params
-        if name in _PASS_THROUGH:
-            env[eqn.outvars[0]] = in_tags[0]
-        elif name == "transpose":
-            leaf, axes = in_tags[0]
-            env[eqn.outvars[0]] = (leaf, tuple(axes[p] for p in params["permutation"]))
-        elif name == "reshape" and len(in_tags) == 1 and not params.get("dimensions"):
-            leaf, axes = in_tags[0]
-            chunks = reshape_chunks(eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
-            if chunks is None:
-                uses[leaf].other.add(name)
-                continue
-            new_axes: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
-            for olds, news in chunks:
-                for n in news:
-                    new_axes[n] = _leaf_axes(axes, olds)
-            env[eqn.outvars[0]] = (leaf, tuple(new_axes))
-        elif name in ("slice", "dynamic_slice") and in_tags[0] is not None:
-            leaf, axes = in_tags[0]
-            shape = eqn.invars[0].aval.shape
-            out_shape = eqn.outvars[0].aval.shape
-            uses[leaf].sliced.update(_leaf_axes(axes, [i for i in range(len(axes)) if out_shape[i] != shape[i]]))
-            env[eqn.outvars[0]] = in_tags[0]
-        elif name == "squeeze":
-            leaf, axes = in_tags[0]
-            dims = set(params["dimensions"])
-            uses[leaf].sliced.update(_leaf_axes(axes, dims))
-            env[eqn.outvars[0]] = (leaf, tuple(a for i, a in enumerate(axes) if i not in dims))
-        elif name in _CALLS:
-            body, _ = _body(params)
-            _walk(body, in_tags, uses)
-        elif name == "scan":
-            body, _ = _body(params)
-            n_consts, n_carry = params["num_consts"], params["num_carry"]
-            body_tags = list(in_tags)
-            for i in range(n_consts, n_consts + n_carry):
-                if in_tags[i] is not None:
-                    uses[in_tags[i][0]].other.add("scan carry")
-                    body_tags[i] = None
-            for i in range(n_consts + n_carry, len(in_tags)):
-                if in_tags[i] is not None:
-                    leaf, axes = in_tags[i]
-                    uses[leaf].sliced.update(axes[0])
-                    body_tags[i] = (leaf, axes[1:])
-            _walk(body, body_tags, uses)
-        elif name == "while":
-            nc, nb = params["cond_nconsts"], params["body_nconsts"]
-            _walk(params["cond_jaxpr"].jaxpr, in_tags[:nc] + [None] * (len(in_tags) - nc - nb), uses)
-            _walk(params["body_jaxpr"].jaxpr, in_tags[nc:], uses)
-            for t in in_tags[nc + nb :]:
-                if t is not None:
-                    uses[t[0]].other.add("while carry")
-        elif name == "cond":
-            for branch in params["branches"]:
-                _walk(branch.jaxpr, in_tags[1:], uses)
-        elif name == "dot_general":
-            (lc, rc), (lb, rb) = params["dimension_numbers"]
-            for tag, contract, batch in ((in_tags[0], lc, lb), (in_tags[1], rc, rb)):
-                if tag is not None:
-                    leaf, axes = tag
-                    uses[leaf].dots.append((_leaf_axes(axes, contract), _leaf_axes(axes, batch)))
-        elif name == "conv_general_dilated" and in_tags[1] is not None and in_tags[0] is None:
-            leaf, axes = in_tags[1]
-            out_dim, in_dim, *window = params["dimension_numbers"].rhs_spec
-            if params["feature_group_count"] == 1 and params["batch_group_count"] == 1:
-                uses[leaf].convs.append((_leaf_axes(axes, [out_dim]), _leaf_axes(axes, (in_dim, *window))))
-            else:
-                uses[leaf].other.add("grouped conv_general_dilated")
-        elif name == "gather" and in_tags[0] is not None and in_tags[1] is None:
-            leaf, axes = in_tags[0]
-            dn = params["dimension_numbers"]
-            if dn.operand_batching_dims:
-                uses[leaf].other.add("batched gather")
-            else:
-                uses[leaf].gathers.append(_leaf_axes(axes, dn.collapsed_slice_dims))
-        else:
+        role = P.role_of(eqn)
+        handler = _HANDLERS.get(role) if role is not None else None
+        try:
+            handled = handler is not None and handler(eqn, in_tags, env, uses) is not False
+        except P.UnknownLayout as e:
             for t in in_tags:
                 if t is not None:
-                    uses[t[0]].other.add(name)
+                    uses[t[0]].other.add(str(e))
+            continue
+        if not handled:
+            for t in in_tags:
+                if t is not None:
+                    uses[t[0]].other.add(eqn.primitive.name)
+
+
+# -- one handler per role: record uses, tag outputs; False means "not a use LoRA can factor". ------
+
+
+def _cast(eqn, in_tags, env, uses):
+    env[eqn.outvars[0]] = in_tags[0]
+
+
+def _transpose(eqn, in_tags, env, uses):
+    leaf, axes = in_tags[0]
+    env[eqn.outvars[0]] = (leaf, tuple(axes[p] for p in P.param(eqn, "permutation")))
+
+
+def _reshape(eqn, in_tags, env, uses):
+    if len(in_tags) != 1 or P.param(eqn, "dimensions", None):
+        return False
+    leaf, axes = in_tags[0]
+    chunks = reshape_chunks(eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
+    if chunks is None:
+        return False
+    new_axes: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
+    for olds, news in chunks:
+        for n in news:
+            new_axes[n] = _leaf_axes(axes, olds)
+    env[eqn.outvars[0]] = (leaf, tuple(new_axes))
+
+
+def _slice(eqn, in_tags, env, uses):
+    if in_tags[0] is None:  # the weight is an index, not the operand
+        return False
+    leaf, axes = in_tags[0]
+    shape = eqn.invars[0].aval.shape
+    out_shape = eqn.outvars[0].aval.shape
+    uses[leaf].sliced.update(_leaf_axes(axes, [i for i in range(len(axes)) if out_shape[i] != shape[i]]))
+    env[eqn.outvars[0]] = in_tags[0]
+
+
+def _squeeze(eqn, in_tags, env, uses):
+    leaf, axes = in_tags[0]
+    dims = set(P.param(eqn, "dimensions"))
+    uses[leaf].sliced.update(_leaf_axes(axes, dims))
+    env[eqn.outvars[0]] = (leaf, tuple(a for i, a in enumerate(axes) if i not in dims))
+
+
+def _call(eqn, in_tags, env, uses):
+    _walk(P.open_body(P.body(eqn))[0], in_tags, uses)
+
+
+def _scan(eqn, in_tags, env, uses):
+    body, _ = P.open_body(P.body(eqn))
+    n_consts, n_carry = P.param(eqn, "num_consts"), P.param(eqn, "num_carry")
+    body_tags = list(in_tags)
+    for i in range(n_consts, n_consts + n_carry):
+        if in_tags[i] is not None:
+            uses[in_tags[i][0]].other.add("scan carry")
+            body_tags[i] = None
+    for i in range(n_consts + n_carry, len(in_tags)):
+        if in_tags[i] is not None:
+            leaf, axes = in_tags[i]
+            uses[leaf].sliced.update(axes[0])
+            body_tags[i] = (leaf, axes[1:])
+    _walk(body, body_tags, uses)
+
+
+def _while(eqn, in_tags, env, uses):
+    nc, nb = P.param(eqn, "cond_nconsts"), P.param(eqn, "body_nconsts")
+    _walk(P.param(eqn, "cond_jaxpr").jaxpr, in_tags[:nc] + [None] * (len(in_tags) - nc - nb), uses)
+    _walk(P.param(eqn, "body_jaxpr").jaxpr, in_tags[nc:], uses)
+    for t in in_tags[nc + nb :]:
+        if t is not None:
+            uses[t[0]].other.add("while carry")
+
+
+def _cond(eqn, in_tags, env, uses):
+    for branch in P.param(eqn, "branches"):
+        _walk(branch.jaxpr, in_tags[1:], uses)
+
+
+def _contract(eqn, in_tags, env, uses):
+    (lc, rc), (lb, rb) = P.param(eqn, "dimension_numbers")
+    for tag, contract, batch in ((in_tags[0], lc, lb), (in_tags[1], rc, rb)):
+        if tag is not None:
+            leaf, axes = tag
+            uses[leaf].dots.append((_leaf_axes(axes, contract), _leaf_axes(axes, batch)))
+
+
+def _conv(eqn, in_tags, env, uses):
+    if in_tags[1] is None or in_tags[0] is not None:
+        return False
+    leaf, axes = in_tags[1]
+    out_dim, in_dim, *window = P.param(eqn, "dimension_numbers").rhs_spec
+    if P.param(eqn, "feature_group_count") == 1 and P.param(eqn, "batch_group_count") == 1:
+        uses[leaf].convs.append((_leaf_axes(axes, [out_dim]), _leaf_axes(axes, (in_dim, *window))))
+    else:
+        uses[leaf].other.add("grouped conv_general_dilated")
+
+
+def _gather(eqn, in_tags, env, uses):
+    if in_tags[0] is None or in_tags[1] is not None:
+        return False
+    leaf, axes = in_tags[0]
+    dn = P.param(eqn, "dimension_numbers")
+    if dn.operand_batching_dims:
+        uses[leaf].other.add("batched gather")
+    else:
+        uses[leaf].gathers.append(_leaf_axes(axes, dn.collapsed_slice_dims))
+
+
+_HANDLERS = {
+    P.Role.CAST: _cast,
+    P.Role.TRANSPOSE: _transpose,
+    P.Role.RESHAPE: _reshape,
+    P.Role.SLICE: _slice,
+    P.Role.SQUEEZE: _squeeze,
+    P.Role.CALL: _call,
+    P.Role.REMAT: _call,
+    P.Role.SCAN: _scan,
+    P.Role.WHILE: _while,
+    P.Role.COND: _cond,
+    P.Role.CONTRACT: _contract,
+    P.Role.CONV: _conv,
+    P.Role.GATHER: _gather,
+}
+"""How the trace follows a weight through each role of `lora_jax._primitives`."""
 
 
 def trace_uses(fn: Callable[[Any], Any], params: Any) -> list[Uses]:

@@ -56,6 +56,13 @@ CASES = {
         False,
     ),
     "copy": (lambda p, x: x @ jnp.copy(p["w"]), {"w": jax.random.normal(K[1], (6, 5))}, X, False),
+    # Rounds W's mantissa where it is used; A and B keep full precision (as with a cast).
+    "reduce_precision": (
+        lambda p, x: x @ jax.lax.reduce_precision(p["w"], exponent_bits=8, mantissa_bits=7),
+        {"w": jax.random.normal(K[1], (6, 5))},
+        X,
+        False,
+    ),
     "reshape": (
         lambda p, x: jnp.einsum("bd,dhk->bhk", x, p["w"].reshape(6, 2, 4)),
         {"w": jax.random.normal(K[1], (6, 8))},
@@ -130,7 +137,7 @@ def test_rule_keeps_the_weight_factored_and_matches_merge(name):
     ref = fn(merged, x)
     out = wrapped(frozen, adapters, x)
     assert not np.allclose(ref, fn(params, x), atol=1e-3), "the adapters must change the output"
-    tol = 3e-2 if name == "convert_element_type" else 2e-5  # W + s·A@B is rounded to W's bfloat16 by merge
+    tol = 3e-2 if name in ("convert_element_type", "reduce_precision") else 2e-5  # W + s·A@B is rounded to W's bfloat16 by merge
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
     if name == "while":  # a while_loop has no reverse-mode derivative; forward mode instead
         tangent = jax.tree.map(jnp.ones_like, adapters)
