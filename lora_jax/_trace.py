@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from lora_jax import _primitives as P
+from lora_jax import _primitives as prims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,21 +93,21 @@ def reshape_chunks(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[in
     return chunks
 
 
-def _walk(jaxpr: P.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> None:
+def _walk(jaxpr: prims.Jaxpr, tags: Sequence[_Tag | None], uses: list[Uses]) -> None:
     env: dict[Any, _Tag] = {v: t for v, t in zip(jaxpr.invars, tags) if t is not None}
 
     def tag_of(v: Any) -> _Tag | None:
-        return None if isinstance(v, P.Literal) else env.get(v)
+        return None if isinstance(v, prims.Literal) else env.get(v)
 
     for eqn in jaxpr.eqns:
         in_tags = [tag_of(v) for v in eqn.invars]
         if not any(t is not None for t in in_tags):
             continue
-        role = P.role_of(eqn)
+        role = prims.role_of(eqn)
         handler = _HANDLERS.get(role) if role is not None else None
         try:
             handled = handler is not None and handler(eqn, in_tags, env, uses) is not False
-        except P.UnknownLayout as e:
+        except prims.UnknownLayout as e:
             for t in in_tags:
                 if t is not None:
                     uses[t[0]].other.add(str(e))
@@ -127,11 +127,11 @@ def _cast(eqn, in_tags, env, uses):
 
 def _transpose(eqn, in_tags, env, uses):
     leaf, axes = in_tags[0]
-    env[eqn.outvars[0]] = (leaf, tuple(axes[p] for p in P.param(eqn, "permutation")))
+    env[eqn.outvars[0]] = (leaf, tuple(axes[p] for p in prims.param(eqn, "permutation")))
 
 
 def _reshape(eqn, in_tags, env, uses):
-    if len(in_tags) != 1 or P.param(eqn, "dimensions", None):
+    if len(in_tags) != 1 or prims.param(eqn, "dimensions", None):
         return False
     leaf, axes = in_tags[0]
     chunks = reshape_chunks(eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
@@ -156,18 +156,18 @@ def _slice(eqn, in_tags, env, uses):
 
 def _squeeze(eqn, in_tags, env, uses):
     leaf, axes = in_tags[0]
-    dims = set(P.param(eqn, "dimensions"))
+    dims = set(prims.param(eqn, "dimensions"))
     uses[leaf].sliced.update(_leaf_axes(axes, dims))
     env[eqn.outvars[0]] = (leaf, tuple(a for i, a in enumerate(axes) if i not in dims))
 
 
 def _call(eqn, in_tags, env, uses):
-    _walk(P.open_body(P.body(eqn))[0], in_tags, uses)
+    _walk(prims.open_body(prims.body(eqn))[0], in_tags, uses)
 
 
 def _scan(eqn, in_tags, env, uses):
-    body, _ = P.open_body(P.body(eqn))
-    n_consts, n_carry = P.param(eqn, "num_consts"), P.param(eqn, "num_carry")
+    body, _ = prims.open_body(prims.body(eqn))
+    n_consts, n_carry = prims.param(eqn, "num_consts"), prims.param(eqn, "num_carry")
     body_tags = list(in_tags)
     for i in range(n_consts, n_consts + n_carry):
         if in_tags[i] is not None:
@@ -182,21 +182,21 @@ def _scan(eqn, in_tags, env, uses):
 
 
 def _while(eqn, in_tags, env, uses):
-    nc, nb = P.param(eqn, "cond_nconsts"), P.param(eqn, "body_nconsts")
-    _walk(P.param(eqn, "cond_jaxpr").jaxpr, in_tags[:nc] + [None] * (len(in_tags) - nc - nb), uses)
-    _walk(P.param(eqn, "body_jaxpr").jaxpr, in_tags[nc:], uses)
+    nc, nb = prims.param(eqn, "cond_nconsts"), prims.param(eqn, "body_nconsts")
+    _walk(prims.param(eqn, "cond_jaxpr").jaxpr, in_tags[:nc] + [None] * (len(in_tags) - nc - nb), uses)
+    _walk(prims.param(eqn, "body_jaxpr").jaxpr, in_tags[nc:], uses)
     for t in in_tags[nc + nb :]:
         if t is not None:
             uses[t[0]].other.add("while carry")
 
 
 def _cond(eqn, in_tags, env, uses):
-    for branch in P.param(eqn, "branches"):
+    for branch in prims.param(eqn, "branches"):
         _walk(branch.jaxpr, in_tags[1:], uses)
 
 
 def _contract(eqn, in_tags, env, uses):
-    (lc, rc), (lb, rb) = P.param(eqn, "dimension_numbers")
+    (lc, rc), (lb, rb) = prims.param(eqn, "dimension_numbers")
     for tag, contract, batch in ((in_tags[0], lc, lb), (in_tags[1], rc, rb)):
         if tag is not None:
             leaf, axes = tag
@@ -207,8 +207,8 @@ def _conv(eqn, in_tags, env, uses):
     if in_tags[1] is None or in_tags[0] is not None:
         return False
     leaf, axes = in_tags[1]
-    out_dim, in_dim, *window = P.param(eqn, "dimension_numbers").rhs_spec
-    if P.param(eqn, "feature_group_count") == 1 and P.param(eqn, "batch_group_count") == 1:
+    out_dim, in_dim, *window = prims.param(eqn, "dimension_numbers").rhs_spec
+    if prims.param(eqn, "feature_group_count") == 1 and prims.param(eqn, "batch_group_count") == 1:
         uses[leaf].convs.append((_leaf_axes(axes, [out_dim]), _leaf_axes(axes, (in_dim, *window))))
     else:
         uses[leaf].other.add("grouped conv_general_dilated")
@@ -218,7 +218,7 @@ def _gather(eqn, in_tags, env, uses):
     if in_tags[0] is None or in_tags[1] is not None:
         return False
     leaf, axes = in_tags[0]
-    dn = P.param(eqn, "dimension_numbers")
+    dn = prims.param(eqn, "dimension_numbers")
     if dn.operand_batching_dims:
         uses[leaf].other.add("batched gather")
     else:
@@ -226,19 +226,19 @@ def _gather(eqn, in_tags, env, uses):
 
 
 _HANDLERS = {
-    P.Role.CAST: _cast,
-    P.Role.TRANSPOSE: _transpose,
-    P.Role.RESHAPE: _reshape,
-    P.Role.SLICE: _slice,
-    P.Role.SQUEEZE: _squeeze,
-    P.Role.CALL: _call,
-    P.Role.REMAT: _call,
-    P.Role.SCAN: _scan,
-    P.Role.WHILE: _while,
-    P.Role.COND: _cond,
-    P.Role.CONTRACT: _contract,
-    P.Role.CONV: _conv,
-    P.Role.GATHER: _gather,
+    prims.Role.CAST: _cast,
+    prims.Role.TRANSPOSE: _transpose,
+    prims.Role.RESHAPE: _reshape,
+    prims.Role.SLICE: _slice,
+    prims.Role.SQUEEZE: _squeeze,
+    prims.Role.CALL: _call,
+    prims.Role.REMAT: _call,
+    prims.Role.SCAN: _scan,
+    prims.Role.WHILE: _while,
+    prims.Role.COND: _cond,
+    prims.Role.CONTRACT: _contract,
+    prims.Role.CONV: _conv,
+    prims.Role.GATHER: _gather,
 }
 """How the trace follows a weight through each role of `lora_jax._primitives`."""
 

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from lora_jax import _primitives as P
+from lora_jax import _primitives as prims
 from lora_jax import _tree
 from lora_jax._trace import reshape_chunks
 from lora_jax._tree import LoraFactors, add_delta
@@ -149,11 +149,11 @@ class _Interpreter:
         return [self.materialize(v, why) for v in values]
 
     # -- evaluation -----------------------------------------------------------------------
-    def eval(self, jaxpr: P.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    def eval(self, jaxpr: prims.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
         env: dict[Any, Any] = {}
 
         def read(v):
-            return v.val if isinstance(v, P.Literal) else env[v]
+            return v.val if isinstance(v, prims.Literal) else env[v]
 
         for v, x in zip(jaxpr.constvars, consts):
             env[v] = x
@@ -166,7 +166,7 @@ class _Interpreter:
                 why = f"the primitive '{eqn.primitive.name}'"
                 try:
                     outs = rule(self, eqn, invals) if rule is not None else None
-                except P.UnknownLayout as e:
+                except prims.UnknownLayout as e:
                     outs, why = None, str(e)
                 if outs is None:
                     invals = self.materialize_all(invals, why)
@@ -176,24 +176,24 @@ class _Interpreter:
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             for v, x in zip(eqn.outvars, outs):
-                if not isinstance(v, P.DropVar):
+                if not isinstance(v, prims.DropVar):
                     env[v] = x
         return [read(v) for v in jaxpr.outvars]
 
-    bind = staticmethod(P.bind)
+    bind = staticmethod(prims.bind)
 
     def eval_closed(self, closed: Any, args: Sequence[Any]) -> list[Any]:
-        if isinstance(closed, P.ClosedJaxpr):
+        if isinstance(closed, prims.ClosedJaxpr):
             return self.eval(closed.jaxpr, closed.consts, args)
         return self.eval(closed, (), args)
 
 
 # -- rules: each returns the outputs (a value, or a list for multiple_results),
 # or None to fall back to materialising. ------------------------------------------------
-_ROLE_RULES: dict[P.Role, Callable[[_Interpreter, P.JaxprEqn, list], Any]] = {}
+_ROLE_RULES: dict[prims.Role, Callable[[_Interpreter, prims.JaxprEqn, list], Any]] = {}
 
 
-def _rule(role: P.Role):
+def _rule(role: prims.Role):
     def register(fn):
         _ROLE_RULES[role] = fn
         return fn
@@ -207,17 +207,17 @@ def _with_w(eqn, invals, f: Factored, position: int):
     return _Interpreter.bind(eqn, vals)
 
 
-@_rule(P.Role.CAST)
+@_rule(prims.Role.CAST)
 def _cast(interp, eqn, invals):
     (f,) = invals
     # A and B keep their own dtype; they are cast to W's at the point of use.
     return f.replace(w=_with_w(eqn, invals, f, 0))
 
 
-@_rule(P.Role.TRANSPOSE)
+@_rule(prims.Role.TRANSPOSE)
 def _transpose(interp, eqn, invals):
     (f,) = invals
-    inv = np.argsort(P.params(eqn)["permutation"])
+    inv = np.argsort(prims.params(eqn)["permutation"])
     m = f.meta
     return f.replace(
         w=_with_w(eqn, invals, f, 0),
@@ -227,15 +227,15 @@ def _transpose(interp, eqn, invals):
     )
 
 
-@_rule(P.Role.RESHAPE)
+@_rule(prims.Role.RESHAPE)
 def _reshape(interp, eqn, invals):
     # Splitting or merging axes within one group (stack, in side, out side)
     # commutes with the factorisation: reshape A or B the same way.
-    if len(invals) != 1 or P.params(eqn).get("dimensions"):
+    if len(invals) != 1 or prims.params(eqn).get("dimensions"):
         return None
     (f,) = invals
     m = f.meta
-    new_shape = tuple(P.params(eqn)["new_sizes"])
+    new_shape = tuple(prims.params(eqn)["new_sizes"])
     chunks = reshape_chunks(f.w.shape, new_shape)
     groups = {"stack": m.stack, "a": m.a_axes, "b": m.b_axes}
     if chunks is None or any(tuple(sorted(axes)) != tuple(axes) for axes in groups.values()):
@@ -266,7 +266,7 @@ def _full_outside_stack(f: Factored, out_shape: Sequence[int]) -> bool:
     return all(out_shape[i] == shape[i] for i in range(len(shape)) if i not in f.meta.stack)
 
 
-@_rule(P.Role.SLICE)
+@_rule(prims.Role.SLICE)
 def _slice_any(interp, eqn, invals):
     if eqn.primitive.name == "dynamic_slice":
         return _dynamic_slice(interp, eqn, invals)
@@ -275,7 +275,7 @@ def _slice_any(interp, eqn, invals):
 
 def _slice(interp, eqn, invals):
     (f,) = invals
-    p = P.params(eqn)
+    p = prims.params(eqn)
     if not _full_outside_stack(f, eqn.outvars[0].aval.shape) or any(s not in (None, 1) for s in p["strides"] or ()):
         return None
     m, ns = f.meta, len(f.meta.stack)
@@ -291,23 +291,23 @@ def _slice(interp, eqn, invals):
 
 def _dynamic_slice(interp, eqn, invals):
     f, *starts = invals
-    if any(isinstance(s, Factored) for s in starts) or not _full_outside_stack(f, P.params(eqn)["slice_sizes"]):
+    if any(isinstance(s, Factored) for s in starts) or not _full_outside_stack(f, prims.params(eqn)["slice_sizes"]):
         return None
     m = f.meta
 
     def cut(x, pos_of):
         idx, sizes = [0] * x.ndim, list(x.shape)
         for ax in m.stack:
-            idx[pos_of(ax)], sizes[pos_of(ax)] = starts[ax], P.params(eqn)["slice_sizes"][ax]
+            idx[pos_of(ax)], sizes[pos_of(ax)] = starts[ax], prims.params(eqn)["slice_sizes"][ax]
         return jax.lax.dynamic_slice(x, idx, sizes)
 
     return f.replace(w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos), b=cut(f.b, f.b_pos))
 
 
-@_rule(P.Role.SQUEEZE)
+@_rule(prims.Role.SQUEEZE)
 def _squeeze(interp, eqn, invals):
     (f,) = invals
-    dims = tuple(P.params(eqn)["dimensions"])
+    dims = tuple(prims.params(eqn)["dimensions"])
     m = f.meta
     if not set(dims) <= set(m.stack):
         return None
@@ -323,12 +323,12 @@ def _squeeze(interp, eqn, invals):
     )
 
 
-@_rule(P.Role.CONTRACT)
+@_rule(prims.Role.CONTRACT)
 def _dot_general(interp, eqn, invals):
     lhs, rhs = invals
     if isinstance(lhs, Factored) and isinstance(rhs, Factored):
         lhs = interp.materialize(lhs, "a dot_general with another adapted weight")
-    (lc, rc), (lb, rb) = P.params(eqn)["dimension_numbers"]
+    (lc, rc), (lb, rb) = prims.params(eqn)["dimension_numbers"]
     if isinstance(rhs, Factored):
         f, x, fc, fb, xc, xb, f_is_lhs = rhs, lhs, rc, rb, lc, lb, False
     else:
@@ -337,8 +337,8 @@ def _dot_general(interp, eqn, invals):
     if set(fb) != set(m.stack):
         return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
     base = _Interpreter.bind(eqn, [f.w, x] if f_is_lhs else [x, f.w])
-    precision = P.params(eqn).get("precision")
-    pref = P.params(eqn).get("preferred_element_type")
+    precision = prims.params(eqn).get("precision")
+    pref = prims.params(eqn).get("preferred_element_type")
     a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
     ca = [(xi, wi) for xi, wi in zip(xc, fc) if wi in m.a_axes]
     cb = [(xi, wi) for xi, wi in zip(xc, fc) if wi in m.b_axes]
@@ -408,12 +408,12 @@ def _w_axis_of(f: Factored, of_a: bool) -> dict[int, int | None]:
     return dict(enumerate(order))
 
 
-@_rule(P.Role.CONV)
+@_rule(prims.Role.CONV)
 def _conv(interp, eqn, invals):
     x, f = invals
     if isinstance(x, Factored) or not isinstance(f, Factored):
         return None
-    p = P.params(eqn)
+    p = prims.params(eqn)
     m = f.meta
     out_dim, in_dim, *window = p["dimension_numbers"].rhs_spec
     if m.stack or m.b_axes != (out_dim,) or set(m.a_axes) != {in_dim, *window}:
@@ -433,12 +433,12 @@ def _conv(interp, eqn, invals):
     return base + u.astype(base.dtype)
 
 
-@_rule(P.Role.GATHER)
+@_rule(prims.Role.GATHER)
 def _gather(interp, eqn, invals):
     f, idx = invals
     if isinstance(idx, Factored) or not isinstance(f, Factored):
         return None
-    p = P.params(eqn)
+    p = prims.params(eqn)
     dn = p["dimension_numbers"]
     m = f.meta
     rows = set(m.a_axes)
@@ -477,18 +477,18 @@ def _gather(interp, eqn, invals):
 # -- higher-order primitives ----------------------------------------------------------------
 
 
-@_rule(P.Role.CALL)
+@_rule(prims.Role.CALL)
 def _inline(interp, eqn, invals):
     # Inlining keeps the computation; a custom derivative rule written for the
     # plain weight cannot take a factored one, so JAX differentiates the body.
-    body = P.body(eqn)
+    body = prims.body(eqn)
     return interp.eval_closed(body, invals)
 
 
-@_rule(P.Role.REMAT)
+@_rule(prims.Role.REMAT)
 def _remat(interp, eqn, invals):
-    p = P.params(eqn)
-    body = P.body(eqn)
+    p = prims.params(eqn)
+    body = prims.body(eqn)
 
     def fn(*args):
         return interp.materialize_all(interp.eval_closed(body, args), "the output of a remat body")
@@ -496,9 +496,9 @@ def _remat(interp, eqn, invals):
     return jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
 
 
-@_rule(P.Role.SCAN)
+@_rule(prims.Role.SCAN)
 def _scan(interp, eqn, invals):
-    p = P.params(eqn)
+    p = prims.params(eqn)
     nc, ncarry = p["num_consts"], p["num_carry"]
     consts = invals[:nc]
     init = interp.materialize_all(invals[nc : nc + ncarry], "a scan carry")
@@ -512,7 +512,7 @@ def _scan(interp, eqn, invals):
     def body(carry, x):
         x, key = x
         with interp.keyed(key if keys is not None else interp.dropout_key):
-            outs = interp.eval_closed(P.body(eqn), [*consts, *carry, *x])
+            outs = interp.eval_closed(prims.body(eqn), [*consts, *carry, *x])
         outs = interp.materialize_all(outs, "the output of a scan body")
         return outs[:ncarry], outs[ncarry:]
 
@@ -545,9 +545,9 @@ def _sliceable(interp: _Interpreter, x: Any) -> Any:
     )
 
 
-@_rule(P.Role.WHILE)
+@_rule(prims.Role.WHILE)
 def _while(interp, eqn, invals):
-    p = P.params(eqn)
+    p = prims.params(eqn)
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cond_consts, body_consts = invals[:nc], invals[nc : nc + nb]
     init = interp.materialize_all(invals[nc + nb :], "a while_loop carry")
@@ -562,7 +562,7 @@ def _while(interp, eqn, invals):
     return list(jax.lax.while_loop(cond_fun, body_fun, list(init)))
 
 
-@_rule(P.Role.COND)
+@_rule(prims.Role.COND)
 def _cond(interp, eqn, invals):
     index, *ops = invals
     index = interp.materialize(index, "the index of a cond")
@@ -573,11 +573,11 @@ def _cond(interp, eqn, invals):
 
         return run
 
-    return list(jax.lax.switch(index, [branch(br) for br in P.params(eqn)["branches"]], *ops))
+    return list(jax.lax.switch(index, [branch(br) for br in prims.params(eqn)["branches"]], *ops))
 
 
-_RULES: dict[str, Callable[[_Interpreter, P.JaxprEqn, list], Any]] = {
-    name: _ROLE_RULES[role] for name, role in P.ROLES.items()
+_RULES: dict[str, Callable[[_Interpreter, prims.JaxprEqn, list], Any]] = {
+    name: _ROLE_RULES[role] for name, role in prims.ROLES.items()
 }
 """The rule of each primitive of `lora_jax._primitives.ROLES`, by name."""
 

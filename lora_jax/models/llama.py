@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.losses import softmax_cross_entropy
+
 __all__ = [
     "KVCache",
     "LlamaConfig",
@@ -43,6 +45,16 @@ PyTree = Any
 Array = jax.Array
 
 _INIT_STD = 0.02
+
+ATTENTION = ("einsum", "xla", "cudnn", "auto", "blockwise")
+"""The values of `LlamaConfig.attention`."""
+
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_batch": jax.checkpoint_policies.checkpoint_dots,
+}
+"""The values of `LlamaConfig.remat_policy` and the `jax.checkpoint` policy each names."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +82,24 @@ class LlamaConfig:
             (informational; positions beyond it still work).
         scan_layers: Run the layers with ``nn.scan`` over parameters stacked on
             a leading layer axis (faster compiles for deep models).
-        remat: Rematerialise each layer's activations in the backward pass.
+        remat: Rematerialise each layer's activations in the backward pass
+            (the same as ``remat_policy="nothing"``).
+        remat_policy: What each layer keeps for the backward pass, if it is
+            rematerialised: ``None`` (no remat unless ``remat``),
+            ``"nothing"`` (keep only the layer's input; recompute the rest),
+            ``"dots"`` (keep the outputs of the weight matmuls, recompute
+            norms, rotary, softmax and activations: most of the memory saving
+            for little recompute), ``"dots_with_batch"`` (keep every matmul
+            output, attention's too).
+        attention: How attention is computed: ``"einsum"`` (the reference:
+            explicit scores and softmax), ``"xla"`` or ``"cudnn"``
+            (`jax.nn.dot_product_attention` with that implementation;
+            ``"cudnn"`` is the fused kernel on NVIDIA GPUs), ``"auto"``
+            (`jax.nn.dot_product_attention`'s own choice), or ``"blockwise"``
+            (queries in blocks of ``attention_block`` under `jax.checkpoint`,
+            so the ``[seq, seq]`` scores of a whole layer never exist at once:
+            for long sequences on any backend).
+        attention_block: Query block of ``attention="blockwise"``.
         dtype: Compute dtype of activations and matmuls.
         param_dtype: Dtype of parameters created by ``init``.
 
@@ -94,6 +123,9 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str | None = None
+    attention: str = "einsum"
+    attention_block: int = 256
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -112,6 +144,25 @@ class LlamaConfig:
             )
         if self.head_size % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}.")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"`attention` must be one of {ATTENTION}; got {self.attention!r}.")
+        if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"`remat_policy` must be None or one of {sorted(REMAT_POLICIES)}; got {self.remat_policy!r}."
+            )
+        if (
+            isinstance(self.attention_block, bool)
+            or not isinstance(self.attention_block, int)
+            or self.attention_block < 1
+        ):
+            raise ValueError(f"`attention_block` must be a positive int; got {self.attention_block!r}.")
+
+    @property
+    def layer_policy(self) -> Any:
+        """The `jax.checkpoint` policy of each layer, or ``None`` when layers are not rematerialised."""
+        if self.remat_policy is not None:
+            return REMAT_POLICIES[self.remat_policy]
+        return REMAT_POLICIES["nothing"] if self.remat else None
 
     @property
     def head_size(self) -> int:
@@ -244,15 +295,57 @@ class LlamaAttention(nn.Module):
             new_cache = (k, v)
             k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
 
-        # Query head h reads key/value head h // group, as Hugging Face's repeat_kv does;
-        # grouping the query heads avoids materialising repeated keys.
-        group = heads // kv_heads
-        q = q.reshape(batch, length, kv_heads, group, size)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (size**-0.5)
-        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads * size)
+        out = _attend(cfg, q, k, v, mask).reshape(batch, length, heads * size)
         return _dense(cfg.hidden_size, cfg, "o_proj")(out), new_cache
+
+
+def _grouped_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Array:
+    """Reference attention with explicit scores: ``q`` ``[B, T, H, D]``, ``k``/``v`` ``[B, S, K, D]``,
+    ``mask`` broadcastable to ``[B, K, H // K, T, S]``."""
+    batch, length, heads, size = q.shape
+    kv_heads = k.shape[2]
+    # Query head h reads key/value head h // group, as Hugging Face's repeat_kv does;
+    # grouping the query heads avoids materialising repeated keys.
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, size)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (size**-0.5)
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, size)
+
+
+def _attend(cfg: LlamaConfig, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Attention output ``[B, T, H, D]``; ``mask`` ``[B, 1, 1, T, S]``, or ``None`` for plain causal (T == S)."""
+    length, keys = q.shape[1], k.shape[1]
+    if cfg.attention in ("xla", "cudnn", "auto"):
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=None if mask is None else mask[:, 0],
+            is_causal=mask is None,
+            implementation=None if cfg.attention == "auto" else cfg.attention,
+        )
+    if cfg.attention == "einsum" or length <= cfg.attention_block:
+        if mask is None:
+            mask = jnp.tril(jnp.ones((length, keys), bool))
+        return _grouped_attention(q, k, v, mask, cfg.dtype)
+    # Blockwise: one block of queries at a time, each recomputed in the backward pass, so a layer's
+    # [T, S] scores exist one block at a time (Rabe & Staats 2021 without the key blocking).
+    block = cfg.attention_block
+    blocks = -(-length // block)
+    pad = blocks * block - length
+    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_blocks = jnp.moveaxis(q_blocks.reshape(q.shape[0], blocks, block, *q.shape[2:]), 1, 0)
+    if mask is None:
+        slots = jnp.arange(blocks * block).reshape(blocks, block)
+        mask_blocks = (jnp.arange(keys)[None, None, :] <= slots[:, :, None])[:, None, None, None]
+    else:
+        mask_blocks = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        mask_blocks = jnp.moveaxis(mask_blocks.reshape(*mask.shape[:3], blocks, block, keys), 3, 0)
+    one = jax.checkpoint(lambda qb, mb: _grouped_attention(qb, k, v, mb, cfg.dtype))
+    out = jax.lax.map(lambda args: one(*args), (q_blocks, mask_blocks))  # [blocks, B, block, H, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], blocks * block, *q.shape[2:])
+    return out[:, :length]
 
 
 class LlamaMLP(nn.Module):
@@ -311,9 +404,9 @@ class LlamaModel(nn.Module):
             embedding_init=nn.initializers.normal(_INIT_STD),
         )
         layer_cls = LlamaDecoderLayer
-        if cfg.remat:
+        if cfg.layer_policy is not None:
             # Inside scan the loop boundary already stops CSE, so it can stay on.
-            layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
+            layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers, policy=cfg.layer_policy)
         if cfg.scan_layers:
             scanned = nn.scan(
                 layer_cls,
@@ -403,31 +496,84 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: Array | None = None,
         cache: KVCache | None = None,
     ) -> Array | tuple[Array, KVCache]:
-        batch, length = input_ids.shape
-        offset = 0 if cache is None else cache.index
-        keys = length if cache is None else cache.keys.shape[2]
-        query_slots = offset + jnp.arange(length)
-        if positions is None:
-            positions = jnp.broadcast_to(query_slots, (batch, length))
-        mask = jnp.arange(keys)[None, :] <= query_slots[:, None]  # [seq, keys]
-        mask = jnp.broadcast_to(mask, (batch, length, keys))
-        if attention_mask is not None:
-            if attention_mask.shape != (batch, keys):
-                raise ValueError(
-                    f"`attention_mask` must have shape (batch, keys) = {(batch, keys)} "
-                    f"(keys is the cache length when a cache is given), got "
-                    f"{attention_mask.shape}."
-                )
-            mask = mask & attention_mask.astype(bool)[:, None, :]
-        mask = mask[:, None, None, :, :]  # broadcast over kv heads and groups
-
-        hidden, new_cache = self.model(input_ids, positions, mask, cache)
+        hidden, new_cache = self._hidden(input_ids, positions, attention_mask, cache)
         if self.config.tie_word_embeddings:
             logits = self.model.attend(hidden)
         else:
             logits = self.lm_head(hidden)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
+
+    def _hidden(self, input_ids, positions, attention_mask, cache):
+        batch, length = input_ids.shape
+        offset = 0 if cache is None else cache.index
+        keys = length if cache is None else cache.keys.shape[2]
+        query_slots = offset + jnp.arange(length)
+        if positions is None:
+            positions = jnp.broadcast_to(query_slots, (batch, length))
+        if attention_mask is not None and attention_mask.shape != (batch, keys):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch, keys) = {(batch, keys)} "
+                f"(keys is the cache length when a cache is given), got "
+                f"{attention_mask.shape}."
+            )
+        if cache is None and attention_mask is None:
+            mask = None  # plain causal: each attention implementation applies it its own way
+        else:
+            mask = jnp.arange(keys)[None, :] <= query_slots[:, None]  # [seq, keys]
+            mask = jnp.broadcast_to(mask, (batch, length, keys))
+            if attention_mask is not None:
+                mask = mask & attention_mask.astype(bool)[:, None, :]
+            mask = mask[:, None, None, :, :]  # broadcast over kv heads and groups
+        return self.model(input_ids, positions, mask, cache)
+
+    def loss(
+        self,
+        input_ids: Array,
+        *,
+        loss_mask: Array | None = None,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        chunk_size: int | None = 1024,
+    ) -> Array:
+        """Mean next-token cross-entropy, with the logits computed a chunk of tokens at a time.
+
+        Call it as ``model.apply(variables, input_ids, method="loss")`` (or
+        through ``lora_jax.wrap(model.apply)(frozen, adapters, input_ids,
+        method="loss")``). Position ``t`` predicts token ``t + 1``. The logits
+        of at most ``chunk_size`` tokens exist at once, forward and backward
+        (`lora_jax.losses.softmax_cross_entropy`), instead of the whole
+        batch's ``[batch, seq, vocab]`` float32 logits.
+
+        Args:
+            input_ids: int ``[batch, seq]``.
+            loss_mask: optional ``[batch, seq]``; 1 where a token is a target
+                (the loss counts ``input_ids[:, t]`` if ``loss_mask[:, t]``).
+                ``None`` counts every token after the first.
+            positions: as in ``__call__``.
+            attention_mask: as in ``__call__``.
+            chunk_size: tokens per chunk of logits; ``None`` for all at once.
+
+        Returns:
+            The float32 mean loss over the counted tokens.
+        """
+        hidden, _ = self._hidden(input_ids, positions, attention_mask, None)
+        if self.is_initializing() and not self.config.tie_word_embeddings:
+            self.lm_head(hidden[:, :1])  # creates the head's kernel
+        if self.config.tie_word_embeddings:
+            head, vocab_first = self.model.embed_tokens.embedding, True
+        else:
+            head, vocab_first = self.lm_head.variables["params"]["kernel"], False
+        weights = None if loss_mask is None else loss_mask[:, 1:]
+        return softmax_cross_entropy(
+            hidden[:, :-1],
+            head,
+            input_ids[:, 1:],
+            weights=weights,
+            chunk_size=chunk_size,
+            head_is_vocab_first=vocab_first,
+            dtype=self.config.dtype,
+        )
 
 
 # ----------------------------------------------------------------------------
