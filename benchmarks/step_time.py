@@ -30,6 +30,8 @@ import lora_jax as lora
 SIZES = {
     # 853M parameters: D 2048, 16 layers, 16 heads (4 KV), MLP 5632, vocab 32000.
     "853m": dict(vocab=32000, dim=2048, layers=16, heads=16, kv_heads=4, mlp=5632, seq=1024, batch=8),
+    # Matmul-dominated like the big one, yet a step takes a fraction of a second on a laptop CPU.
+    "small": dict(vocab=2048, dim=512, layers=2, heads=8, kv_heads=4, mlp=1408, seq=256, batch=2),
     "tiny": dict(vocab=512, dim=64, layers=2, heads=4, kv_heads=2, mlp=128, seq=32, batch=2),
 }
 TARGETS = r"layers/\d+/(wq|wk|wv|wo|wg|wu|wd)"
