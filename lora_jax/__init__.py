@@ -1,5 +1,7 @@
 """lora_jax: low-rank adaptation as a pure function transform for JAX."""
 
+from lora_jax import arithmetic, losses
+from lora_jax._quantize import QuantizedArray, dequantize_tree, quantize
 from lora_jax._spec import ALL_LINEAR, LoraSpec
 from lora_jax._transform import MaterializationError, MaterializationWarning, wrap
 from lora_jax._tree import LoraFactors, merge, split, unmerge
@@ -12,7 +14,12 @@ __all__ = [
     "LoraSpec",
     "MaterializationError",
     "MaterializationWarning",
+    "QuantizedArray",
+    "arithmetic",
+    "dequantize_tree",
+    "losses",
     "merge",
+    "quantize",
     "split",
     "unmerge",
     "wrap",

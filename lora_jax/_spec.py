@@ -33,7 +33,8 @@ _EMBED_OR_HEAD = re.compile(
 )
 _LINEAR_NAMES = ("kernel", "weight", "w")
 
-Init = Literal["kaiming", "gaussian"]
+Init = Literal["kaiming", "gaussian", "pissa", "olora"] | str
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
 def path_parts(path: tuple) -> tuple[str, ...]:
@@ -135,8 +136,16 @@ class LoraSpec:
       rslora: scale by ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
       rank_pattern: ``{regex: rank}`` overrides for matching paths; first match wins.
       alpha_pattern: ``{regex: alpha}`` overrides for matching paths.
-      init: distribution of ``A``: ``"kaiming"`` (uniform, bound
-        ``1/sqrt(fan_in)``, PEFT's default) or ``"gaussian"`` (std ``1/rank``).
+      init: how the factors start. ``"kaiming"`` (``A`` uniform with bound
+        ``1/sqrt(fan_in)``, PEFT's default) and ``"gaussian"`` (``A`` with
+        std ``1/rank``) start ``B`` at zero, so the adapted model starts at
+        the base. ``"pissa"`` (Meng et al. 2024: ``A``, ``B`` from the top
+        singular vectors and values of ``W``), ``"pissa_niter_<k>"`` (the
+        same from a randomised SVD with ``k`` subspace iterations, faster
+        for big weights) and ``"olora"`` (Büyükakyüz 2024: from a QR
+        decomposition of ``W``) take the factors from the weight itself
+        and put the residual ``W - s·A@B`` in the frozen tree, so outputs
+        at step 0 still equal the base model's.
       dtype: dtype of the adapter factors; ``None`` keeps each weight's dtype.
       dropout: probability of dropping an input of the low-rank path
         (``s·B(A·dropout(x))``, as PEFT's ``lora_dropout``). It acts only when
@@ -182,8 +191,21 @@ class LoraSpec:
                 _check_filter(name, regex)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSpec.dropout must be a probability in [0, 1); got {self.dropout!r}.")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"LoraSpec.init must be 'kaiming' or 'gaussian'; got {self.init!r}.")
+        if self.init not in ("kaiming", "gaussian", "pissa", "olora") and not (
+            isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)
+        ):
+            raise ValueError(
+                "LoraSpec.init must be 'kaiming', 'gaussian', 'pissa', 'pissa_niter_<k>' (k subspace iterations) "
+                f"or 'olora'; got {self.init!r}."
+            )
+
+    @property
+    def init_from_weight(self) -> tuple[str, int | None] | None:
+        """``(method, niter)`` when ``init`` takes the factors from the weight (PiSSA, OLoRA), else ``None``."""
+        match = _PISSA_NITER.fullmatch(self.init)
+        if match:
+            return "pissa", int(match.group(1))
+        return (self.init, None) if self.init in ("pissa", "olora") else None
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _spec, _trace
+from lora_jax import _init, _spec, _trace
 from lora_jax._spec import LoraSpec
 from lora_jax._trace import Layout
 
@@ -167,6 +167,12 @@ def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[Py
     Returns:
       ``(frozen, adapters)``. ``frozen`` has the structure of ``params``
       with the original arrays, and ``None`` where a leaf trains in full.
+      With ``spec.init`` ``"pissa"``/``"olora"`` each adapted leaf of
+      ``frozen`` is instead the residual ``W - s·A@B``: the frozen tree is
+      then no longer the pretrained one (``merge(frozen, adapters)`` gives
+      it back), so save it with the adapters, and export the merged model
+      or this residual base rather than pairing the adapters with the
+      original weights.
       ``adapters`` is a nested dict, keyed by path components, holding a
       `LoraFactors` for each target and the array of each fully trained leaf.
 
@@ -260,11 +266,31 @@ def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[Py
                 "Lower spec.rank or set a smaller rank for it in spec.rank_pattern."
             )
         plans.append(_factor_plan(leaf, layout, rank, spec))
-        entries.append((parts, (layout, spec.scale_for(path))))
-    drawn = iter(_draw_factors(jax.random.split(key, len(plans)), tuple(plans)))
+        entries.append((parts, (layout, spec.scale_for(path), len(frozen_leaves) - 1)))
+    keys = jax.random.split(key, len(plans))
+    from_weight = spec.init_from_weight
+    drawn = iter(_draw_factors(keys, tuple(plans)) if from_weight is None else ())
+    targets_seen = 0
     for i, (parts, entry) in enumerate(entries):
         if isinstance(entry, tuple):
-            (layout, scale), (a, b) = entry, next(drawn)
+            layout, scale, leaf_index = entry
+            if from_weight is None:
+                a, b = next(drawn)
+            else:
+                # The factors come from W itself; the frozen tree keeps the residual W - s·A@B.
+                a, b, frozen_leaves[leaf_index] = _init.init_factors(
+                    frozen_leaves[leaf_index],
+                    stack=layout.stack,
+                    a_axes=layout.a,
+                    b_axes=layout.b,
+                    rank=plans[targets_seen][0][-1],
+                    scale=scale,
+                    method=from_weight[0],
+                    niter=from_weight[1],
+                    key=keys[targets_seen],
+                    dtype=plans[targets_seen][2],
+                )
+            targets_seen += 1
             entries[i] = (parts, LoraFactors(a, b, scale, layout.stack, layout.a, layout.b, float(spec.dropout)))
     frozen = jax.tree_util.tree_unflatten(treedef, frozen_leaves)
     return frozen, _nest(iter(entries))
