@@ -135,8 +135,7 @@ class UnknownLayout(Exception):
     def __init__(self, primitive: str, detail: str):
         self.primitive, self.detail = primitive, detail
         super().__init__(
-            f"the primitive '{primitive}' with parameters lora_jax does not understand on JAX {JAX_VERSION} "
-            f"({detail})"
+            f"the primitive '{primitive}' with parameters lora_jax does not understand on JAX {JAX_VERSION} ({detail})"
         )
 
 

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax import _primitives as prims
 from lora_jax import _tree
+from lora_jax._quantize import QuantizedArray
 from lora_jax._trace import reshape_chunks
 from lora_jax._tree import LoraFactors, add_delta
 
@@ -93,7 +94,16 @@ class Factored:
 
     def full(self) -> jax.Array:
         m = self.meta
-        return add_delta(self.w, self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes)
+        return add_delta(_dense(self.w), self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes)
+
+
+def _dense(w: Any) -> Any:
+    """A quantised frozen weight in full precision, at the point of use; anything else as it is."""
+    return w.dequantize() if isinstance(w, QuantizedArray) else w
+
+
+_BODY_ROLES = frozenset({prims.Role.CALL, prims.Role.REMAT, prims.Role.SCAN, prims.Role.WHILE, prims.Role.COND})
+"""Roles whose rules pass values into a body as pytrees, so a quantised weight can travel into it."""
 
 
 def _renumber(axes: Sequence[int], removed: Sequence[int]) -> tuple[int, ...]:
@@ -130,6 +140,8 @@ class _Interpreter:
 
     # -- materialisation ------------------------------------------------------------------
     def materialize(self, value: Any, why: str) -> Any:
+        if isinstance(value, QuantizedArray):
+            return value.dequantize()  # the point of use of a quantised frozen weight, not a LoRA cost
         if not isinstance(value, Factored):
             return value
         path = value.meta.path
@@ -171,6 +183,13 @@ class _Interpreter:
                 if outs is None:
                     invals = self.materialize_all(invals, why)
                     outs = self.bind(eqn, invals)
+            elif any(isinstance(x, QuantizedArray) for x in invals):
+                # A quantised frozen weight travels into bodies (a scan slices its codes per layer) and is
+                # dequantised by the first operation that uses it, inside the same compiled program.
+                role = prims.ROLES.get(eqn.primitive.name)
+                outs = _RULES[eqn.primitive.name](self, eqn, invals) if role in _BODY_ROLES else None
+                if outs is None:
+                    outs = self.bind(eqn, [_dense(x) for x in invals])
             else:
                 outs = self.bind(eqn, invals)
             if not eqn.primitive.multiple_results:
@@ -203,7 +222,7 @@ def _rule(role: prims.Role):
 
 def _with_w(eqn, invals, f: Factored, position: int):
     vals = list(invals)
-    vals[position] = f.w
+    vals[position] = _dense(f.w)
     return _Interpreter.bind(eqn, vals)
 
 
@@ -336,7 +355,8 @@ def _dot_general(interp, eqn, invals):
     m = f.meta
     if set(fb) != set(m.stack):
         return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
-    base = _Interpreter.bind(eqn, [f.w, x] if f_is_lhs else [x, f.w])
+    w = _dense(f.w)
+    base = _Interpreter.bind(eqn, [w, x] if f_is_lhs else [x, w])
     precision = prims.params(eqn).get("precision")
     pref = prims.params(eqn).get("preferred_element_type")
     a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
@@ -420,7 +440,7 @@ def _conv(interp, eqn, invals):
         return None
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         return None
-    base = _Interpreter.bind(eqn, [x, f.w])
+    base = _Interpreter.bind(eqn, [x, _dense(f.w)])
     a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
     # A as a kernel with W's axis order and `rank` output channels.
     kernel = jnp.transpose(a, [a.ndim - 1 if i == out_dim else f.a_pos(i) for i in range(f.w.ndim)])
@@ -446,7 +466,7 @@ def _gather(interp, eqn, invals):
         return None
     if any(p["slice_sizes"][i] != (1 if i in rows else f.w.shape[i]) for i in range(f.w.ndim)):
         return None
-    base = _Interpreter.bind(eqn, [f.w, idx])
+    base = _Interpreter.bind(eqn, [_dense(f.w), idx])
     a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
     batch_rank = base.ndim - len(m.b_axes)
     a_dn = jax.lax.GatherDimensionNumbers(
@@ -585,6 +605,16 @@ _RULES: dict[str, Callable[[_Interpreter, prims.JaxprEqn, list], Any]] = {
 # -- the public transform -------------------------------------------------------------------
 
 
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def _signature(x: Any) -> Any:
+    if isinstance(x, QuantizedArray):
+        return (QuantizedArray, jax.tree.structure(x), tuple(jax.typeof(c) for c in jax.tree.leaves(x)))
+    return jax.typeof(x)
+
+
 def _is_dynamic(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
@@ -642,7 +672,7 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             return w
 
         params = _tree.combine(frozen, adapters, keep_w, caller="wrap")
-        flat, treedef = _tree._flatten(params)
+        flat, treedef = _tree._flatten(params, is_leaf=_is_quantized)
         param_leaves = [x for _, _, x in flat]
         arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
         dynamic = [_is_dynamic(x) for x in arg_leaves]
@@ -655,7 +685,7 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             a, kw = jax.tree_util.tree_unflatten(arg_tree, leaves)
             return apply_fn(jax.tree_util.tree_unflatten(treedef, p_leaves), *a, **kw)
 
-        avals = tuple(jax.typeof(x) for x in (*param_leaves, *dyn_leaves))
+        avals = tuple(_signature(x) for x in (*param_leaves, *dyn_leaves))
         try:
             cache_key = (treedef, arg_tree, tuple(dynamic), static_leaves, avals)
             hash(cache_key)
@@ -663,7 +693,11 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             cache_key = None
         run = cache.get(cache_key) if cache_key is not None else None
         if run is None:
-            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, dyn_leaves)
+            # A quantised weight is traced as the array it stands for.
+            traced = [
+                jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_quantized(x) else x for x in param_leaves
+            ]
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(traced, dyn_leaves)
             out_tree = jax.tree_util.tree_structure(out_shape)
 
             def run(values, dyn, dropout_key, consts):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _init, _spec, _trace
+from lora_jax._quantize import QuantizedArray, dequantize_tree
 from lora_jax._spec import LoraSpec
 from lora_jax._trace import Layout
 
@@ -74,6 +75,8 @@ def add_delta(w, a, b, scale, stack, a_axes, b_axes, *, sign: float = 1.0) -> ja
 
 
 def _fold(w: jax.Array, f: LoraFactors, sign: float) -> jax.Array:
+    if isinstance(w, QuantizedArray):
+        w = w.dequantize()
     return add_delta(w, f.lora_a, f.lora_b, f.scale, f.stack_axes, f.a_axes, f.b_axes, sign=sign)
 
 
@@ -333,7 +336,7 @@ def combine(
             "adapter tree returned by lora_jax.split (split marks each leaf that trains in full by moving its "
             "array to the adapter tree and putting None at its place in `frozen`)."
         )
-    flat, treedef = _flatten(frozen, is_leaf=lambda x: x is None)
+    flat, treedef = _flatten(frozen, is_leaf=lambda x: x is None or isinstance(x, QuantizedArray))
     leaves, seen = [], set()
     for path, _, leaf in flat:
         entry = entries.get(path)
@@ -397,7 +400,8 @@ def merge(frozen: PyTree, adapters: PyTree) -> PyTree:
       adapters: the adapter tree from `split`, trained or not.
 
     Returns:
-      A tree with the structure and dtypes of the original params.
+      A tree with the structure and dtypes of the original params (a
+      quantised ``frozen`` from `lora_jax.quantize` is dequantised).
 
     Raises:
       ValueError: if the adapters do not belong to ``frozen``, or ``adapters``
@@ -409,7 +413,9 @@ def merge(frozen: PyTree, adapters: PyTree) -> PyTree:
     >>> bool((merge(frozen, adapters)["w"] == params["w"]).all())  # B starts at zero
     True
     """
-    return combine(frozen, adapters, lambda path, w, f: _fold(w, f, 1.0), caller="merge")
+    merged = combine(frozen, adapters, lambda path, w, f: _fold(w, f, 1.0), caller="merge")
+    # A quantised base (`lora_jax.quantize`) comes back in full precision, ready for any apply function.
+    return dequantize_tree(merged)
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:

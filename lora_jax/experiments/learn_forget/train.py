@@ -28,12 +28,6 @@ class TrainedCell:
         self.record, self.params, self.adapters, self.spec = record, params, adapters, spec
 
 
-def _token_loss(logits: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
-    m = mask[:, 1:].astype(jnp.float32)
-    return (nll * m).sum() / jnp.maximum(m.sum(), 1.0)
-
-
 def _count(tree: PyTree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
@@ -56,14 +50,18 @@ def _setup(method: Method, model: LlamaForCausalLM, params: PyTree, sample: jax.
         spec = lora.LoraSpec(rank=method.rank, alpha=method.alpha(config.alpha), targets=method.targets)
         frozen, _ = lora.split(params, spec, key=jax.random.key(config.seed), trace=lambda p: model.apply(p, sample))
         wrapped = lora.wrap(model.apply)
-        logits_fn = lambda t, f, ids: wrapped(f, t, ids)  # noqa: E731
+        apply_fn = lambda t, f, *args, **kw: wrapped(f, t, *args, **kw)  # noqa: E731
     else:
-        logits_fn = lambda t, f, ids: model.apply(t, ids)  # noqa: E731
+        apply_fn = lambda t, f, *args, **kw: model.apply(t, *args, **kw)  # noqa: E731
+
+    def loss_fn(trainable, frozen, ids, mask):
+        # The library's chunked cross-entropy: no whole-batch [batch, seq, vocab] logits.
+        return apply_fn(trainable, frozen, ids, loss_mask=mask, method="loss")
 
     # `frozen` is an argument, not a closure constant, so XLA does not embed the base weights in the program.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(trainable, opt_state, frozen, ids, mask, learning_rate):
-        loss, grads = jax.value_and_grad(lambda t: _token_loss(logits_fn(t, frozen, ids), ids, mask))(trainable)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask)
         updates, opt_state = _optimizer(learning_rate, config).update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
