@@ -298,10 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _flatten(tree):
     import jax
 
-    return [
-        (jax.tree_util.keystr(p, simple=True, separator="/"), x)
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
+    import lora_jax as lora
+
+    return [(lora.path_to_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 from lora_jax import arithmetic, losses
 from lora_jax._quantize import QuantizedArray, dequantize_tree, quantize
-from lora_jax._spec import ALL_LINEAR, LoraSpec
-from lora_jax._transform import MaterializationError, MaterializationWarning, wrap
+from lora_jax._spec import ALL_LINEAR, LoraSpec, path_to_str
+from lora_jax._transform import MaterializationError, MaterializationWarning, RetraceWarning, wrap
 from lora_jax._tree import LoraFactors, merge, split, unmerge
 
 __version__ = "0.1.0"
@@ -15,10 +15,12 @@ __all__ = [
     "MaterializationError",
     "MaterializationWarning",
     "QuantizedArray",
+    "RetraceWarning",
     "arithmetic",
     "dequantize_tree",
     "losses",
     "merge",
+    "path_to_str",
     "quantize",
     "split",
     "unmerge",

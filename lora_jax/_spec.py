@@ -22,8 +22,45 @@ PathFilter = str | Sequence[str] | Callable[[str, Any], bool] | None
 """A regex (``re.fullmatch`` on the path), a list of regexes (any matches),
 a callable ``(path, leaf) -> bool``, or ``None`` (matches nothing)."""
 
-ALL_LINEAR = "all-linear"
-"""Preset for ``targets``: every weight consumed as a matmul/einsum weight."""
+
+class _AllLinear:
+    """The type of `ALL_LINEAR`: one instance, compared by identity."""
+
+    _instance: _AllLinear | None = None
+
+    def __new__(cls) -> _AllLinear:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "lora_jax.ALL_LINEAR"
+
+    def __reduce__(self):
+        return (_AllLinear, ())
+
+
+ALL_LINEAR = _AllLinear()
+"""Preset for ``LoraSpec.targets``: every weight consumed as a matmul/einsum weight.
+
+The string ``"all-linear"`` (PEFT's spelling) means the same and is turned
+into this sentinel by `LoraSpec`, alone or inside a list of patterns.
+"""
+
+_ALL_LINEAR_NAME = "all-linear"
+
+
+def _is_all_linear(value: Any) -> bool:
+    return value is ALL_LINEAR or (isinstance(value, str) and value == _ALL_LINEAR_NAME)
+
+
+def _normalise_targets(value: Any) -> Any:
+    if _is_all_linear(value):
+        return ALL_LINEAR
+    if isinstance(value, (list, tuple)):
+        return type(value)(ALL_LINEAR if _is_all_linear(v) else v for v in value)
+    return value
+
 
 # Leaves that look like linear weights but are conventionally left alone by
 # "all-linear": token embeddings and output heads (PEFT excludes them too).
@@ -76,16 +113,20 @@ def _key_str(key: Any) -> str:
 
 
 def _check_filter(name: str, value: PathFilter) -> None:
-    if value is None or callable(value):
+    if value is ALL_LINEAR and name != "targets":
+        raise ValueError(f"LoraSpec.{name}: ALL_LINEAR is a preset for `targets` only.")
+    if value is None or value is ALL_LINEAR or callable(value):
         return
     patterns = [value] if isinstance(value, str) else value
-    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) or p is ALL_LINEAR for p in patterns):
         raise TypeError(
             f"LoraSpec.{name} must be a regex string, a list of regex strings, a callable "
             f"(path, leaf) -> bool or None; got {type(value).__name__}: {value!r}."
         )
     for p in patterns:
-        if name == "targets" and p == ALL_LINEAR:
+        if p is ALL_LINEAR:
+            if name != "targets":
+                raise ValueError(f"LoraSpec.{name}: ALL_LINEAR is a preset for `targets` only.")
             continue
         try:
             re.compile(p)
@@ -97,6 +138,8 @@ def matches(filt: PathFilter, path: str, leaf: Any) -> bool:
     """Whether a spec filter selects the leaf at ``path``."""
     if filt is None:
         return False
+    if filt is ALL_LINEAR:
+        raise TypeError("matches: ALL_LINEAR depends on how a weight is used; split resolves it, not a path match.")
     if callable(filt):
         return bool(filt(path, leaf))
     patterns = [filt] if isinstance(filt, str) else filt
@@ -125,7 +168,8 @@ class LoraSpec:
         Biderman et al. 2024), so ``s = 2``.
       targets: which leaves get adapters: a regex matched with ``re.fullmatch``
         against the ``/``-joined path, a list of regexes, a callable
-        ``(path, leaf) -> bool``, or ``"all-linear"``: every weight used as
+        ``(path, leaf) -> bool``, or `ALL_LINEAR` (also spelled
+        ``"all-linear"``, alone or in a list): every weight used as
         the weight operand of a matmul/einsum when ``split`` is given
         ``trace=``, otherwise every 2-D float leaf named ``kernel``/``weight``;
         in both cases except embeddings and output heads.
@@ -177,6 +221,7 @@ class LoraSpec:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", _normalise_targets(self.targets))
         for name, r in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
                 raise ValueError(f"LoraSpec.{name} must be a positive integer; got {r!r}.")
@@ -220,9 +265,19 @@ class LoraSpec:
 
     @property
     def uses_all_linear(self) -> bool:
-        return self.targets == ALL_LINEAR or (
-            not isinstance(self.targets, str) and isinstance(self.targets, Sequence) and ALL_LINEAR in self.targets
+        """Whether ``targets`` is, or contains, `ALL_LINEAR`."""
+        return self.targets is ALL_LINEAR or (
+            isinstance(self.targets, (list, tuple)) and any(t is ALL_LINEAR for t in self.targets)
         )
+
+    @property
+    def path_targets(self) -> PathFilter:
+        """``targets`` without `ALL_LINEAR`: the patterns or callable matched against paths."""
+        if self.targets is ALL_LINEAR:
+            return []
+        if isinstance(self.targets, (list, tuple)):
+            return [t for t in self.targets if t is not ALL_LINEAR]
+        return self.targets
 
 
 def default_linear(path: str, leaf: Any) -> bool:

@@ -20,6 +20,7 @@ with factored values passed through as pytrees. Anything else forms
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -344,66 +345,137 @@ def _squeeze(interp, eqn, invals):
 
 @_rule(prims.Role.CONTRACT)
 def _dot_general(interp, eqn, invals):
+    """``act · W`` as ``act · W + s·(act · A) · B`` for any dimension numbers.
+
+    The activation's contracted axes meet ``W``'s, and ``W``'s axes belong to
+    three groups (`_Meta`): ``stack`` (per-layer, must be the dot's batch
+    axes), ``a`` (carried by ``A``) and ``b`` (carried by ``B``). The low-rank
+    path contracts the activation first with the *inner* factor, the one that
+    holds the contracted axes, giving ``low`` with a rank axis, then contracts
+    ``low`` with the *outer* factor over the rank (and any remaining
+    contracted axes), and finally transposes ``up`` into the order
+    ``dot_general`` gives the base product.
+
+    Worked example: ``jnp.einsum("bsd,dhk->bshk", x, W)``, a ``DenseGeneral``
+    query projection, ``W`` ``[d, h, k]`` with ``a = (0,)``, ``b = (1, 2)``,
+    so ``A`` is ``[d, r]`` and ``B`` is ``[r, h, k]``.
+
+    * dimension numbers: ``x`` contracts axis 2 with ``W``'s axis 0, no batch.
+      ``pairs_a = [(2, 0)]`` (W's axis 0 is on A's side), ``pairs_b = []``;
+      so ``inner = A``, ``outer = B``.
+    * ``low = dot_general(x, A)`` contracting x's 2 with A's 0:
+      ``[b, s, r]``; its rank axis is ``low_rank = 2``.
+    * ``up = dot_general(low, B)`` contracting low's 2 with B's 0:
+      ``[b, s, h, k]``, labelled ``[("act", 0), ("act", 1), ("w", 1), ("w", 2)]``.
+    * the base ``x · W`` is ``[b, s, h, k]`` too (x's free axes, then W's),
+      so the transpose is the identity and ``base + up`` is the answer.
+    """
     lhs, rhs = invals
     if isinstance(lhs, Factored) and isinstance(rhs, Factored):
         lhs = interp.materialize(lhs, "a dot_general with another adapted weight")
-    (lc, rc), (lb, rb) = prims.params(eqn)["dimension_numbers"]
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = prims.params(eqn)["dimension_numbers"]
     if isinstance(rhs, Factored):
-        f, x, fc, fb, xc, xb, f_is_lhs = rhs, lhs, rc, rb, lc, lb, False
+        weight, act, w_contract, w_batch, x_contract, x_batch, weight_is_lhs = (
+            rhs,
+            lhs,
+            rhs_contract,
+            rhs_batch,
+            lhs_contract,
+            lhs_batch,
+            False,
+        )
     else:
-        f, x, fc, fb, xc, xb, f_is_lhs = lhs, rhs, lc, lb, rc, rb, True
-    m = f.meta
-    if set(fb) != set(m.stack):
+        weight, act, w_contract, w_batch, x_contract, x_batch, weight_is_lhs = (
+            lhs,
+            rhs,
+            lhs_contract,
+            lhs_batch,
+            rhs_contract,
+            rhs_batch,
+            True,
+        )
+    meta = weight.meta
+    if set(w_batch) != set(meta.stack):
         return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
-    w = _dense(f.w)
-    base = _Interpreter.bind(eqn, [w, x] if f_is_lhs else [x, w])
+    w = _dense(weight.w)
+    base = _Interpreter.bind(eqn, [w, act] if weight_is_lhs else [act, w])
     precision = prims.params(eqn).get("precision")
     pref = prims.params(eqn).get("preferred_element_type")
-    a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
-    ca = [(xi, wi) for xi, wi in zip(xc, fc) if wi in m.a_axes]
-    cb = [(xi, wi) for xi, wi in zip(xc, fc) if wi in m.b_axes]
-    # Contract x with the factor that shares its contracted axes first, so the
+    a, b = weight.a.astype(w.dtype), weight.b.astype(w.dtype)
+    pairs_a = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.a_axes]
+    pairs_b = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.b_axes]
+    # Contract the activation first with the factor that holds its contracted axes, so the
     # intermediate is [..., rank] rather than an outer product.
-    if ca or not cb:
-        first, first_pos, c1, second, second_pos, c2 = a, f.a_pos, ca, b, f.b_pos, cb
-        first_r, second_r = a.ndim - 1, len(m.stack)
+    if pairs_a or not pairs_b:
+        inner, inner_pos, inner_pairs, outer, outer_pos, outer_pairs = (
+            a,
+            weight.a_pos,
+            pairs_a,
+            b,
+            weight.b_pos,
+            pairs_b,
+        )
+        inner_rank, outer_rank = a.ndim - 1, len(meta.stack)
     else:
-        first, first_pos, c1, second, second_pos, c2 = b, f.b_pos, cb, a, f.a_pos, ca
-        first_r, second_r = len(m.stack), a.ndim - 1
-    nb = len(xb)
-    dims1 = (([xi for xi, _ in c1], [first_pos(wi) for _, wi in c1]), (list(xb), [first_pos(w) for w in fb]))
-    x_free = [i for i in range(x.ndim) if i not in xb and i not in [xi for xi, _ in c1]]
-    first_used = {first_pos(wi) for _, wi in c1} | {first_pos(w) for w in fb}
-    first_free = [i for i in range(first.ndim) if i not in first_used]
-    x_spec = _explicit_spec(x)
-    # With explicit mesh axes JAX asks for the output sharding of a contraction
-    # over sharded axes: keep x's sharding on its free axes, replicate the rest.
-    t_sharding = None if x_spec is None else P(*[x_spec[i] for i in (*xb, *x_free)], *[None] * len(first_free))
-    t = jax.lax.dot_general(interp.dropout(x, m.dropout), first, dims1, precision=precision, out_sharding=t_sharding)
-    t_pos_x = {xi: nb + k for k, xi in enumerate(x_free)}
-    t_r = nb + len(x_free) + first_free.index(first_r)
-    t = t * jnp.asarray(m.scale, t.dtype)
-    dims2 = (
-        ([t_pos_x[xi] for xi, _ in c2] + [t_r], [second_pos(wi) for _, wi in c2] + [second_r]),
-        (list(range(nb)), [second_pos(w) for w in fb]),
+        inner, inner_pos, inner_pairs, outer, outer_pos, outer_pairs = (
+            b,
+            weight.b_pos,
+            pairs_b,
+            a,
+            weight.a_pos,
+            pairs_a,
+        )
+        inner_rank, outer_rank = len(meta.stack), a.ndim - 1
+    n_batch = len(x_batch)
+    inner_dims = (
+        ([act_axis for act_axis, _ in inner_pairs], [inner_pos(w_axis) for _, w_axis in inner_pairs]),
+        (list(x_batch), [inner_pos(w) for w in w_batch]),
     )
-    # Label u's axes, then put them in dot_general's output order.
-    w_of_first = _w_axis_of(f, first is a)
-    w_of_second = _w_axis_of(f, first is not a)
-    t_free_labels = [("x", xi) for xi in x_free] + [("w", w_of_first[i]) for i in first_free if i != first_r]
-    labels = [("batch", k) for k in range(nb)]
-    labels += [lab for lab in t_free_labels if lab[0] == "x" and lab[1] not in [xi for xi, _ in c2]]
-    labels += [lab for lab in t_free_labels if lab[0] == "w"]
-    second_used = {second_pos(wi) for _, wi in c2} | {second_pos(w) for w in fb} | {second_r}
-    labels += [("w", w_of_second[i]) for i in range(second.ndim) if i not in second_used]
-    x_out = [("x", i) for i in range(x.ndim) if i not in xb and i not in xc]
-    w_out = [("w", i) for i in range(f.w.ndim) if i not in fb and i not in fc]
-    target = [("batch", k) for k in range(nb)] + (w_out + x_out if f_is_lhs else x_out + w_out)
+    x_free = [i for i in range(act.ndim) if i not in x_batch and i not in [act_axis for act_axis, _ in inner_pairs]]
+    inner_used = {inner_pos(w_axis) for _, w_axis in inner_pairs} | {inner_pos(w) for w in w_batch}
+    inner_free = [i for i in range(inner.ndim) if i not in inner_used]
+    x_spec = _explicit_spec(act)
+    # With explicit mesh axes JAX asks for the output sharding of a contraction
+    # over sharded axes: keep act's sharding on its free axes, replicate the rest.
+    low_sharding = None if x_spec is None else P(*[x_spec[i] for i in (*x_batch, *x_free)], *[None] * len(inner_free))
+    low = jax.lax.dot_general(
+        interp.dropout(act, meta.dropout), inner, inner_dims, precision=precision, out_sharding=low_sharding
+    )
+    low_pos_of_x = {act_axis: n_batch + k for k, act_axis in enumerate(x_free)}
+    low_rank = n_batch + len(x_free) + inner_free.index(inner_rank)
+    low = low * jnp.asarray(meta.scale, low.dtype)
+    outer_dims = (
+        (
+            [low_pos_of_x[act_axis] for act_axis, _ in outer_pairs] + [low_rank],
+            [outer_pos(w_axis) for _, w_axis in outer_pairs] + [outer_rank],
+        ),
+        (list(range(n_batch)), [outer_pos(w) for w in w_batch]),
+    )
+    # Label up's axes, then put them in dot_general's output order.
+    w_axis_of_inner = _w_axis_of(weight, inner is a)
+    w_axis_of_outer = _w_axis_of(weight, inner is not a)
+    low_free_labels = [("act", act_axis) for act_axis in x_free] + [
+        ("w", w_axis_of_inner[i]) for i in inner_free if i != inner_rank
+    ]
+    labels = [("batch", k) for k in range(n_batch)]
+    labels += [
+        label
+        for label in low_free_labels
+        if label[0] == "act" and label[1] not in [act_axis for act_axis, _ in outer_pairs]
+    ]
+    labels += [label for label in low_free_labels if label[0] == "w"]
+    outer_used = {outer_pos(w_axis) for _, w_axis in outer_pairs} | {outer_pos(w) for w in w_batch} | {outer_rank}
+    labels += [("w", w_axis_of_outer[i]) for i in range(outer.ndim) if i not in outer_used]
+    x_out = [("act", i) for i in range(act.ndim) if i not in x_batch and i not in x_contract]
+    w_out = [("w", i) for i in range(weight.w.ndim) if i not in w_batch and i not in w_contract]
+    target = [("batch", k) for k in range(n_batch)] + (w_out + x_out if weight_is_lhs else x_out + w_out)
     base_spec = _explicit_spec(base)
-    u_sharding = None if base_spec is None else P(*[base_spec[target.index(lab)] for lab in labels])
-    u = jax.lax.dot_general(t, second, dims2, precision=precision, preferred_element_type=pref, out_sharding=u_sharding)
-    u = jnp.transpose(u, [labels.index(lab) for lab in target])
-    return base + u.astype(base.dtype)
+    up_sharding = None if base_spec is None else P(*[base_spec[target.index(label)] for label in labels])
+    up = jax.lax.dot_general(
+        low, outer, outer_dims, precision=precision, preferred_element_type=pref, out_sharding=up_sharding
+    )
+    up = jnp.transpose(up, [labels.index(label) for label in target])
+    return base + up.astype(base.dtype)
 
 
 def _explicit_spec(x: Any) -> tuple | None:
@@ -615,11 +687,23 @@ def _signature(x: Any) -> Any:
     return jax.typeof(x)
 
 
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
 def _is_dynamic(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
+class RetraceWarning(UserWarning):
+    """`wrap` could not cache its compiled program for a call (an unhashable static argument)."""
+
+
+def wrap(apply_fn: Callable[..., Any], *, strict: bool = False, cache_size: int | None = 32) -> Callable[..., Any]:
     """Turns ``apply_fn(params, *args)`` into ``f(frozen, adapters, *args)``.
 
     The returned function computes what ``apply_fn`` computes on
@@ -636,6 +720,22 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
         passed as a static Python value.
       strict: raise `MaterializationError` instead of warning when an adapted
         weight is used in a way that forces ``W + s·A@B`` to be formed.
+      cache_size: how many compiled programs the returned function keeps,
+        least recently used first out; ``None`` keeps every one, ``0`` none.
+
+    Compilation cache:
+      Called eagerly, the returned function traces ``apply_fn`` and compiles
+      the interpreter with `jax.jit` once per signature (the tree structures,
+      the shapes and dtypes of the arrays, and the values of the static
+      arguments), and reuses that program on later calls with the same
+      signature. Beyond ``cache_size`` signatures the least recently used
+      program is dropped (and recompiled if it is needed again). A static
+      argument that cannot be hashed (a set, or an object without
+      ``__hash__``; lists, tuples and dicts are flattened, and arrays are
+      dynamic) cannot be part of that key: such calls are traced and run
+      without the cache every time, with a `RetraceWarning` the first time;
+      pass a hashable value (a frozenset, a tuple) instead. Inside an outer `jax.jit` none of this matters: the outer
+      trace compiles everything once.
 
     Returns:
       ``wrapped(frozen, adapters, *args, lora_dropout_key=None, **kwargs)``
@@ -659,7 +759,10 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
     """
     if not callable(apply_fn):
         raise TypeError(f"wrap: `apply_fn` must be callable; got {type(apply_fn).__name__}.")
-    cache: dict[Any, Any] = {}
+    if cache_size is not None and (isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0):
+        raise ValueError(f"wrap: `cache_size` must be a non-negative int or None; got {cache_size!r}.")
+    cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+    warned_unhashable = False
 
     @functools.wraps(apply_fn)
     def wrapped(
@@ -691,7 +794,20 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             hash(cache_key)
         except TypeError:
             cache_key = None
+            nonlocal warned_unhashable
+            if not warned_unhashable:
+                warned_unhashable = True
+                unhashable = [type(x).__name__ for x in static_leaves if x is not None and not _hashable(x)]
+                warnings.warn(
+                    f"lora_jax.wrap: a static argument of type {unhashable[:3]} cannot be hashed, so this call is "
+                    "traced and run without wrap's compile cache, and every later call like it will be too. Pass "
+                    "a hashable value (a frozenset instead of a set, a tuple) or an array.",
+                    RetraceWarning,
+                    stacklevel=2,
+                )
         run = cache.get(cache_key) if cache_key is not None else None
+        if run is not None:
+            cache.move_to_end(cache_key)
         if run is None:
             # A quantised weight is traced as the array it stands for.
             traced = [
@@ -712,9 +828,10 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[...,
             # into the program.
             if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
                 run = functools.partial(jax.jit(run), consts=closed.consts)
-                if len(cache) >= 32:
-                    cache.clear()
-                cache[cache_key] = run
+                if cache_size is None or cache_size > 0:
+                    cache[cache_key] = run
+                    if cache_size is not None and len(cache) > cache_size:
+                        cache.popitem(last=False)
             else:
                 run = functools.partial(run, consts=closed.consts)
 

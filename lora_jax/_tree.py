@@ -215,14 +215,11 @@ def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[Py
         if spec.uses_all_linear and linear(i, path, leaf):
             hit = True
         else:
-            others = spec.targets
-            if spec.uses_all_linear:
-                others = [] if isinstance(others, str) else [t for t in others if t != _spec.ALL_LINEAR]
-            hit = _spec.matches(others, path, leaf)
+            hit = _spec.matches(spec.path_targets, path, leaf)
         targets.append(hit and not _spec.matches(spec.exclude, path, leaf))
     trained = [_spec.matches(spec.train, path, leaf) for path, _, leaf in flat]
 
-    _check_patterns_hit("targets", spec.targets, flat, skip_all_linear=True)
+    _check_patterns_hit("targets", spec.path_targets, flat)
     _check_patterns_hit("train", spec.train, flat)
     if not any(targets):
         raise ValueError(
@@ -299,14 +296,12 @@ def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[Py
     return frozen, _nest(iter(entries))
 
 
-def _check_patterns_hit(name: str, filt: Any, flat: list, *, skip_all_linear: bool = False) -> None:
+def _check_patterns_hit(name: str, filt: Any, flat: list) -> None:
     if filt is None or callable(filt):
         return
     patterns = [filt] if isinstance(filt, str) else list(filt)
     paths = [p for p, _, _ in flat]
     for pattern in patterns:
-        if skip_all_linear and pattern == _spec.ALL_LINEAR:
-            continue
         if not any(_spec.matches(pattern, p, x) for p, _, x in flat):
             raise ValueError(
                 f"split: spec.{name} pattern {pattern!r} matches no leaf (patterns are matched with re.fullmatch "

@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec, Sharding, SingleDeviceSharding
 
 from lora_jax import _spec, _tree, sharding
-from lora_jax._spec import LoraSpec
+from lora_jax._spec import ALL_LINEAR, LoraSpec
 from lora_jax._tree import LoraFactors
 
 __all__ = ["CheckpointManager", "TrainState", "restore", "save_merged", "spec_from_json", "spec_to_json"]
@@ -86,11 +86,13 @@ class TrainState(NamedTuple):
 
 
 def _filter_to_json(value: Any) -> Any:
+    if value is ALL_LINEAR:
+        return "all-linear"  # read back by LoraSpec as the sentinel
     if value is None or isinstance(value, str):
         return value
     if callable(value):
         return {"callable": getattr(value, "__qualname__", repr(value))}
-    return list(value)
+    return [_filter_to_json(v) for v in value]
 
 
 def spec_to_json(spec: LoraSpec) -> dict:

@@ -232,10 +232,7 @@ def main() -> None:
         adapter_rel_err={
             path: rel_err(a, b)
             for (path, a), b in zip(
-                (
-                    (jax.tree_util.keystr(p, simple=True, separator="/"), x)
-                    for p, x in jax.tree_util.tree_flatten_with_path(adapters)[0]
-                ),
+                ((lora.path_to_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(adapters)[0]),
                 jax.tree.leaves(ref_adapters),
             )
         },

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._spec import path_parts
 from lora_jax.losses import softmax_cross_entropy
 
 __all__ = [
@@ -588,7 +589,7 @@ def _as_parts(path: str | Sequence[Any]) -> list[str]:
     if isinstance(path, str):
         parts = [p for p in path.replace(".", "/").split("/") if p]
     else:
-        parts = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        parts = list(path_parts(tuple(path)))  # the library's one rule for key paths
     if parts and parts[0] == "params":
         parts = parts[1:]
     return parts
