@@ -103,6 +103,28 @@ def _dense(w: Any) -> Any:
     return w.dequantize() if isinstance(w, QuantizedArray) else w
 
 
+def _lazy_cast(eqn: prims.JaxprEqn, q: QuantizedArray) -> QuantizedArray | None:
+    """A cast of a quantised weight, kept quantised: it dequantises straight to the new dtype later."""
+    if eqn.primitive.name == "convert_element_type":
+        new_dtype = prims.params(eqn)["new_dtype"]
+        if jnp.issubdtype(new_dtype, jnp.floating):
+            return dataclasses.replace(q, dtype=jnp.dtype(new_dtype).name)
+        return None
+    return q if eqn.primitive.name in ("copy", "copy_p") else None
+
+
+def _bind_dequantizing(eqn: prims.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """Binds ``eqn`` on its inputs with quantised weights dequantised inside a `jax.checkpoint`.
+
+    Without the checkpoint the backward pass would keep the full-precision
+    weight from the forward pass (a matmul's input gradient needs it); with
+    it, the backward pass keeps the codes and dequantises again.
+    """
+    if not any(isinstance(x, QuantizedArray) for x in invals):
+        return prims.bind(eqn, invals)
+    return jax.checkpoint(lambda *vals: prims.bind(eqn, [_dense(v) for v in vals]))(*invals)
+
+
 _BODY_ROLES = frozenset({prims.Role.CALL, prims.Role.REMAT, prims.Role.SCAN, prims.Role.WHILE, prims.Role.COND})
 """Roles whose rules pass values into a body as pytrees, so a quantised weight can travel into it."""
 
@@ -188,9 +210,13 @@ class _Interpreter:
                 # A quantised frozen weight travels into bodies (a scan slices its codes per layer) and is
                 # dequantised by the first operation that uses it, inside the same compiled program.
                 role = prims.ROLES.get(eqn.primitive.name)
-                outs = _RULES[eqn.primitive.name](self, eqn, invals) if role in _BODY_ROLES else None
+                outs = None
+                if role in _BODY_ROLES:
+                    outs = _RULES[eqn.primitive.name](self, eqn, invals)
+                elif role is prims.Role.CAST:
+                    outs = _lazy_cast(eqn, invals[0])
                 if outs is None:
-                    outs = self.bind(eqn, [_dense(x) for x in invals])
+                    outs = _bind_dequantizing(eqn, invals)
             else:
                 outs = self.bind(eqn, invals)
             if not eqn.primitive.multiple_results:
@@ -231,6 +257,10 @@ def _with_w(eqn, invals, f: Factored, position: int):
 def _cast(interp, eqn, invals):
     (f,) = invals
     # A and B keep their own dtype; they are cast to W's at the point of use.
+    if isinstance(f.w, QuantizedArray):
+        lazy = _lazy_cast(eqn, f.w)
+        if lazy is not None:
+            return f.replace(w=lazy)
     return f.replace(w=_with_w(eqn, invals, f, 0))
 
 
@@ -397,11 +427,11 @@ def _dot_general(interp, eqn, invals):
     meta = weight.meta
     if set(w_batch) != set(meta.stack):
         return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
-    w = _dense(weight.w)
-    base = _Interpreter.bind(eqn, [w, act] if weight_is_lhs else [act, w])
+    w_dtype = jnp.dtype(weight.w.dtype)
+    base = _bind_dequantizing(eqn, [weight.w, act] if weight_is_lhs else [act, weight.w])
     precision = prims.params(eqn).get("precision")
     pref = prims.params(eqn).get("preferred_element_type")
-    a, b = weight.a.astype(w.dtype), weight.b.astype(w.dtype)
+    a, b = weight.a.astype(w_dtype), weight.b.astype(w_dtype)
     pairs_a = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.a_axes]
     pairs_b = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.b_axes]
     # Contract the activation first with the factor that holds its contracted axes, so the
@@ -512,8 +542,8 @@ def _conv(interp, eqn, invals):
         return None
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         return None
-    base = _Interpreter.bind(eqn, [x, _dense(f.w)])
-    a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
+    base = _bind_dequantizing(eqn, [x, f.w])
+    a, b = f.a.astype(jnp.dtype(f.w.dtype)), f.b.astype(jnp.dtype(f.w.dtype))
     # A as a kernel with W's axis order and `rank` output channels.
     kernel = jnp.transpose(a, [a.ndim - 1 if i == out_dim else f.a_pos(i) for i in range(f.w.ndim)])
     params = dict(p, preferred_element_type=None)
@@ -539,7 +569,7 @@ def _gather(interp, eqn, invals):
     if any(p["slice_sizes"][i] != (1 if i in rows else f.w.shape[i]) for i in range(f.w.ndim)):
         return None
     base = _Interpreter.bind(eqn, [_dense(f.w), idx])
-    a, b = f.a.astype(f.w.dtype), f.b.astype(f.w.dtype)
+    a, b = f.a.astype(jnp.dtype(f.w.dtype)), f.b.astype(jnp.dtype(f.w.dtype))
     batch_rank = base.ndim - len(m.b_axes)
     a_dn = jax.lax.GatherDimensionNumbers(
         offset_dims=(batch_rank,),

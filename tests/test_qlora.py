@@ -92,5 +92,7 @@ def test_compiled_step_holds_the_base_in_nf4():
     saved = bf16.argument_size_in_bytes - nf4.argument_size_in_bytes
     # The projections' arguments shrink to NF4 size: 0.5625 bytes per weight against 2.
     assert saved >= 0.7 * proj_bytes, (saved, proj_bytes)
-    # Dequantised weights live inside the loop, one layer at a time, not as a bf16 copy of the stack.
-    assert nf4.temp_size_in_bytes <= bf16.temp_size_in_bytes + proj_bytes / config.num_hidden_layers * 4
+    # Dequantised weights live inside the loop, one layer at a time, and the backward pass dequantises
+    # again rather than keeping the forward pass's copies: no bf16 copy of the stack appears.
+    print(f"\ntemporaries: bf16 base {bf16.temp_size_in_bytes}, NF4 base {nf4.temp_size_in_bytes}")
+    assert nf4.temp_size_in_bytes <= bf16.temp_size_in_bytes + proj_bytes / config.num_hidden_layers
