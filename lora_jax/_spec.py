@@ -191,6 +191,14 @@ class LoraSpec:
         and put the residual ``W - s·A@B`` in the frozen tree, so outputs
         at step 0 still equal the base model's.
       dtype: dtype of the adapter factors; ``None`` keeps each weight's dtype.
+      use_dora: weight-decomposed LoRA (Liu et al. 2024, PEFT's ``use_dora``):
+        each adapted weight is ``m · (W + s·A@B) / ||W + s·A@B||`` with the
+        norm taken per output column (over the input axes) and a trained
+        magnitude ``m`` (`LoraFactors.magnitude`) that starts at ``||W||``.
+        The norm is a constant for differentiation, as in the paper and
+        PEFT; `wrap` computes it from ``W^T A`` and ``A^T A`` without forming
+        ``W + s·A@B``. Supported where the weight is used by a matmul or
+        einsum that contracts its input axes.
       dropout: probability of dropping an input of the low-rank path
         (``s·B(A·dropout(x))``, as PEFT's ``lora_dropout``). It acts only when
         the wrapped function is called with ``lora_dropout_key=``.
@@ -219,6 +227,7 @@ class LoraSpec:
     init: Init = "kaiming"
     dtype: Any = None
     dropout: float = 0.0
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _normalise_targets(self.targets))
@@ -234,6 +243,8 @@ class LoraSpec:
         for name in ("rank_pattern", "alpha_pattern"):
             for regex in getattr(self, name):
                 _check_filter(name, regex)
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"LoraSpec.use_dora must be True or False; got {self.use_dora!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSpec.dropout must be a probability in [0, 1); got {self.dropout!r}.")
         if self.init not in ("kaiming", "gaussian", "pissa", "olora") and not (

@@ -38,7 +38,7 @@ from lora_jax import _primitives as prims
 from lora_jax import _tree
 from lora_jax._quantize import QuantizedArray
 from lora_jax._trace import reshape_chunks
-from lora_jax._tree import LoraFactors, add_delta
+from lora_jax._tree import LoraFactors, add_delta, dora_weight
 
 
 class MaterializationWarning(UserWarning):
@@ -63,24 +63,26 @@ class _Meta:
 class Factored:
     """An adapted weight inside the interpreter: ``W + s·A@B``, never summed."""
 
-    __slots__ = ("w", "a", "b", "meta")
+    __slots__ = ("w", "a", "b", "meta", "magnitude")
 
-    def __init__(self, w, a, b, meta: _Meta):
-        self.w, self.a, self.b, self.meta = w, a, b, meta
+    def __init__(self, w, a, b, meta: _Meta, magnitude=None):
+        self.w, self.a, self.b, self.meta, self.magnitude = w, a, b, meta, magnitude
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b), self.meta
+        return (self.w, self.a, self.b, self.magnitude), self.meta
 
     @classmethod
     def tree_unflatten(cls, meta, children):
-        return cls(*children, meta)
+        w, a, b, magnitude = children
+        return cls(w, a, b, meta, magnitude)
 
-    def replace(self, w=None, a=None, b=None, **meta) -> Factored:
+    def replace(self, w=None, a=None, b=None, magnitude=None, **meta) -> Factored:
         return Factored(
             self.w if w is None else w,
             self.a if a is None else a,
             self.b if b is None else b,
             dataclasses.replace(self.meta, **meta),
+            self.magnitude if magnitude is None else magnitude,
         )
 
     def a_pos(self, axis: int) -> int:
@@ -95,6 +97,8 @@ class Factored:
 
     def full(self) -> jax.Array:
         m = self.meta
+        if self.magnitude is not None:
+            return dora_weight(_dense(self.w), self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes, self.magnitude)
         return add_delta(_dense(self.w), self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes)
 
 
@@ -281,7 +285,7 @@ def _transpose(interp, eqn, invals):
 def _reshape(interp, eqn, invals):
     # Splitting or merging axes within one group (stack, in side, out side)
     # commutes with the factorisation: reshape A or B the same way.
-    if len(invals) != 1 or prims.params(eqn).get("dimensions"):
+    if len(invals) != 1 or prims.params(eqn).get("dimensions") or invals[0].magnitude is not None:
         return None
     (f,) = invals
     m = f.meta
@@ -336,7 +340,10 @@ def _slice(interp, eqn, invals):
             start[pos_of(ax)], limit[pos_of(ax)] = p["start_indices"][ax], p["limit_indices"][ax]
         return jax.lax.slice(x, start, limit)
 
-    return f.replace(w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos, -1), b=cut(f.b, f.b_pos, ns))
+    magnitude = None if f.magnitude is None else cut(f.magnitude, f.a_pos, -1)
+    return f.replace(
+        w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos, -1), b=cut(f.b, f.b_pos, ns), magnitude=magnitude
+    )
 
 
 def _dynamic_slice(interp, eqn, invals):
@@ -351,7 +358,8 @@ def _dynamic_slice(interp, eqn, invals):
             idx[pos_of(ax)], sizes[pos_of(ax)] = starts[ax], prims.params(eqn)["slice_sizes"][ax]
         return jax.lax.dynamic_slice(x, idx, sizes)
 
-    return f.replace(w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos), b=cut(f.b, f.b_pos))
+    magnitude = None if f.magnitude is None else cut(f.magnitude, f.a_pos)
+    return f.replace(w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos), b=cut(f.b, f.b_pos), magnitude=magnitude)
 
 
 @_rule(prims.Role.SQUEEZE)
@@ -363,10 +371,12 @@ def _squeeze(interp, eqn, invals):
         return None
     a = jnp.squeeze(f.a, tuple(f.a_pos(d) for d in dims))
     b = jnp.squeeze(f.b, tuple(f.b_pos(d) for d in dims))
+    magnitude = None if f.magnitude is None else jnp.squeeze(f.magnitude, tuple(f.a_pos(d) for d in dims))
     return f.replace(
         w=_with_w(eqn, invals, f, 0),
         a=a,
         b=b,
+        magnitude=magnitude,
         stack=_renumber([s for s in m.stack if s not in dims], dims),
         a_axes=_renumber(m.a_axes, dims),
         b_axes=_renumber(m.b_axes, dims),
@@ -427,6 +437,8 @@ def _dot_general(interp, eqn, invals):
     meta = weight.meta
     if set(w_batch) != set(meta.stack):
         return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
+    if weight.magnitude is not None and set(w_contract) != set(meta.a_axes):
+        return None  # DoRA's norm is per output column: only a use that contracts exactly the input axes
     w_dtype = jnp.dtype(weight.w.dtype)
     base = _bind_dequantizing(eqn, [weight.w, act] if weight_is_lhs else [act, weight.w])
     precision = prims.params(eqn).get("precision")
@@ -505,7 +517,53 @@ def _dot_general(interp, eqn, invals):
         low, outer, outer_dims, precision=precision, preferred_element_type=pref, out_sharding=up_sharding
     )
     up = jnp.transpose(up, [labels.index(label) for label in target])
-    return base + up.astype(base.dtype)
+    out = base + up.astype(base.dtype)
+    if weight.magnitude is None:
+        return out
+    # DoRA: (W + s·A@B) x scaled per output column by m / ||W + s·A@B||, which commutes with the matmul.
+    factor = weight.magnitude.astype(jnp.float32) / _dora_norm(weight, a, b)  # [*stack, *b]
+    ns = len(meta.stack)
+    positions = [
+        meta.stack.index(w_batch[label[1]])
+        if label[0] == "batch"
+        else ns + meta.b_axes.index(label[1])
+        if label[0] == "w"
+        else None
+        for label in target
+    ]
+    factor = jnp.transpose(factor, [p for p in positions if p is not None])
+    sizes = iter(factor.shape)
+    factor = factor.reshape([next(sizes) if p is not None else 1 for p in positions])
+    return (out * factor).astype(out.dtype)
+
+
+def _dora_norm(weight: Factored, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``||W + s·A@B||`` per output column, ``[*stack, *b]`` float32, without forming ``W + s·A@B``.
+
+    ``||V_j||² = ||W_j||² + 2s·(AᵀW ⊙ B)_j + s²·(Bᵀ AᵀA B)_jj``: one ``AᵀW``
+    product (``in·out·rank`` multiply-adds, as a LoRA forward of ``in``
+    tokens) and products of rank-sized matrices. Treated as a constant for
+    differentiation, as DoRA prescribes.
+    """
+    meta = weight.meta
+    ns = len(meta.stack)
+    w = jax.lax.stop_gradient(_dense(weight.w)).astype(jnp.float32)
+    a = jax.lax.stop_gradient(a).astype(jnp.float32)
+    b = jax.lax.stop_gradient(b).astype(jnp.float32)
+    stack = list(range(ns))
+    a_in = [ns + i for i in range(len(meta.a_axes))]
+    w_sq = jnp.square(_tree.column_norm(w, meta.stack, meta.a_axes, meta.b_axes))
+    # AᵀW: [*stack, r, *b] with the b axes in W's order, then in B's order.
+    atw = jax.lax.dot_general(a, w, ((a_in, list(meta.a_axes)), (stack, list(meta.stack))))
+    in_w_order = sorted(meta.b_axes)
+    atw = jnp.transpose(atw, [*range(ns + 1), *(ns + 1 + in_w_order.index(ax) for ax in meta.b_axes)])
+    cross = jnp.sum(atw * b, axis=ns)
+    gram = jax.lax.dot_general(a, a, ((a_in, a_in), (stack, stack)))  # [*stack, r, r]
+    b_flat = b.reshape(*b.shape[: ns + 1], -1)
+    gram_b = jax.lax.dot_general(gram, b_flat, (([ns + 1], [ns]), (stack, stack)))
+    ab_sq = jnp.sum(b_flat * gram_b, axis=ns).reshape(*b.shape[:ns], *b.shape[ns + 1 :])
+    s = meta.scale
+    return jnp.sqrt(jnp.maximum(w_sq + 2 * s * cross + s * s * ab_sq, 0.0))
 
 
 def _explicit_spec(x: Any) -> tuple | None:
@@ -533,7 +591,7 @@ def _w_axis_of(f: Factored, of_a: bool) -> dict[int, int | None]:
 @_rule(prims.Role.CONV)
 def _conv(interp, eqn, invals):
     x, f = invals
-    if isinstance(x, Factored) or not isinstance(f, Factored):
+    if isinstance(x, Factored) or not isinstance(f, Factored) or f.magnitude is not None:
         return None
     p = prims.params(eqn)
     m = f.meta
@@ -558,7 +616,7 @@ def _conv(interp, eqn, invals):
 @_rule(prims.Role.GATHER)
 def _gather(interp, eqn, invals):
     f, idx = invals
-    if isinstance(idx, Factored) or not isinstance(f, Factored):
+    if isinstance(idx, Factored) or not isinstance(f, Factored) or f.magnitude is not None:
         return None
     p = prims.params(eqn)
     dn = p["dimension_numbers"]
@@ -656,6 +714,7 @@ def _sliceable(interp: _Interpreter, x: Any) -> Any:
         return interp.materialize(x, "a scan over one of its unstacked axes")
     a = jnp.moveaxis(x.a, x.a_pos(0), 0)
     b = jnp.moveaxis(x.b, x.b_pos(0), 0)
+    magnitude = None if x.magnitude is None else jnp.moveaxis(x.magnitude, x.a_pos(0), 0)
     rest = [s for s in m.stack if s != 0]
     return Factored(
         x.w,
@@ -664,6 +723,7 @@ def _sliceable(interp: _Interpreter, x: Any) -> Any:
         dataclasses.replace(
             m, stack=_renumber(rest, [0]), a_axes=_renumber(m.a_axes, [0]), b_axes=_renumber(m.b_axes, [0])
         ),
+        magnitude,
     )
 
 
@@ -872,7 +932,7 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False, cache_size: int 
                 values.append(leaf)
             else:
                 meta = _Meta(f.scale, f.stack_axes, f.a_axes, f.b_axes, path, f.dropout)
-                values.append(Factored(leaf, f.lora_a, f.lora_b, meta))
+                values.append(Factored(leaf, f.lora_a, f.lora_b, meta, f.magnitude))
         return run(values, dyn_leaves, lora_dropout_key)
 
     return wrapped

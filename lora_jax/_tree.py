@@ -46,13 +46,19 @@ class LoraFactors:
     a_axes: tuple[int, ...] = dataclasses.field(default=(0,), metadata=dict(static=True))
     b_axes: tuple[int, ...] = dataclasses.field(default=(1,), metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    magnitude: jax.Array | None = None
+    """DoRA's trained magnitude, ``[*W[stack_axes], *W[b_axes]]``, or ``None`` for plain LoRA."""
 
     @property
     def rank(self) -> int:
         return self.lora_a.shape[-1]
 
     def delta(self, dtype: Any = None) -> jax.Array:
-        """``scale·A@B`` laid out like ``W`` (computed in ``dtype``, default the factors')."""
+        """``scale·A@B`` laid out like ``W`` (computed in ``dtype``, default the factors').
+
+        With DoRA (``magnitude`` set) this is the low-rank part only; the
+        adapted weight is ``magnitude · (W + delta) / ||W + delta||``.
+        """
         return low_rank_delta(self.lora_a, self.lora_b, self.scale, self.stack_axes, self.a_axes, self.b_axes, dtype)
 
 
@@ -77,7 +83,39 @@ def add_delta(w, a, b, scale, stack, a_axes, b_axes, *, sign: float = 1.0) -> ja
 def _fold(w: jax.Array, f: LoraFactors, sign: float) -> jax.Array:
     if isinstance(w, QuantizedArray):
         w = w.dequantize()
+    if f.magnitude is not None:
+        return dora_weight(w, f.lora_a, f.lora_b, f.scale, f.stack_axes, f.a_axes, f.b_axes, f.magnitude)
     return add_delta(w, f.lora_a, f.lora_b, f.scale, f.stack_axes, f.a_axes, f.b_axes, sign=sign)
+
+
+def column_norm(w: jax.Array, stack, a_axes, b_axes) -> jax.Array:
+    """``||W||`` over the ``a`` (input) axes, laid out ``[*stack, *b]`` like a DoRA magnitude (float32)."""
+    sq = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(a_axes))
+    kept = [i for i in range(w.ndim) if i not in a_axes]  # the axes of `sq`, in W's order
+    return jnp.sqrt(jnp.transpose(sq, [kept.index(i) for i in (*stack, *b_axes)]))
+
+
+def expand_to_w(v: jax.Array, stack, a_axes, b_axes) -> jax.Array:
+    """A ``[*stack, *b]`` array laid out against ``W``: size-1 ``a`` axes, the rest in W's order."""
+    ndim = len(stack) + len(a_axes) + len(b_axes)
+    order = (*stack, *b_axes)
+    v = jnp.transpose(v, np.argsort(order))  # now in W's order without the a axes
+    out = jnp.expand_dims(v, tuple(sorted(a_axes)))
+    assert out.ndim == ndim
+    return out
+
+
+def dora_weight(w, a, b, scale, stack, a_axes, b_axes, magnitude) -> jax.Array:
+    """DoRA's adapted weight ``m · V / ||V||`` with ``V = W + scale·A@B``, the norm per output column.
+
+    The norm is treated as a constant for differentiation, as in DoRA (Liu et al. 2024, section 4.3)
+    and PEFT.
+    """
+    dtype = jnp.promote_types(jnp.promote_types(w.dtype, a.dtype), jnp.float32)
+    v = w.astype(dtype) + low_rank_delta(a, b, scale, stack, a_axes, b_axes, dtype)
+    norm = jax.lax.stop_gradient(column_norm(v, stack, a_axes, b_axes))
+    factor = magnitude.astype(dtype) / norm
+    return (v * expand_to_w(factor, stack, a_axes, b_axes)).astype(w.dtype)
 
 
 def _flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
@@ -291,7 +329,15 @@ def split(params: PyTree, spec: LoraSpec, *, key: jax.Array, trace: Callable[[Py
                     dtype=plans[targets_seen][2],
                 )
             targets_seen += 1
-            entries[i] = (parts, LoraFactors(a, b, scale, layout.stack, layout.a, layout.b, float(spec.dropout)))
+            magnitude = None
+            if spec.use_dora:
+                # DoRA starts at the base: the magnitude is the column norm of W + s·A@B, the pretrained W's.
+                v = add_delta(frozen_leaves[leaf_index], a, b, scale, layout.stack, layout.a, layout.b)
+                magnitude = column_norm(v, layout.stack, layout.a, layout.b).astype(a.dtype)
+            entries[i] = (
+                parts,
+                LoraFactors(a, b, scale, layout.stack, layout.a, layout.b, float(spec.dropout), magnitude),
+            )
     frozen = jax.tree_util.tree_unflatten(treedef, frozen_leaves)
     return frozen, _nest(iter(entries))
 
@@ -378,6 +424,13 @@ def _check_factors(caller: str, path: str, w: Any, f: LoraFactors) -> None:
         want_a = (*(shape[i] for i in f.stack_axes), *(shape[i] for i in f.a_axes), r)
         want_b = (*(shape[i] for i in f.stack_axes), r, *(shape[i] for i in f.b_axes))
         ok = tuple(f.lora_a.shape) == want_a and tuple(f.lora_b.shape) == want_b
+    if ok and f.magnitude is not None:
+        want_m = (*(shape[i] for i in f.stack_axes), *(shape[i] for i in f.b_axes))
+        if tuple(f.magnitude.shape) != want_m:
+            raise ValueError(
+                f"{caller}: adapter {path!r} has a DoRA magnitude of shape {tuple(f.magnitude.shape)}, but the "
+                f"frozen weight of shape {shape} needs {want_m} ([*stacked, *output] axes)."
+            )
     if not ok:
         raise ValueError(
             f"{caller}: adapter {path!r} has lora_a {tuple(f.lora_a.shape)} and lora_b {tuple(f.lora_b.shape)}, "
@@ -429,4 +482,13 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     >>> unmerge(merge(frozen, adapters), adapters)["w"].shape
     (4, 4)
     """
-    return combine(params, adapters, lambda path, w, f: _fold(w, f, -1.0), caller="unmerge", keep_trained=True)
+
+    def fold_out(path, w, f):
+        if f.magnitude is not None:
+            raise ValueError(
+                f"unmerge: the adapter at {path!r} is DoRA (it has a magnitude); a DoRA weight m·V/||V|| cannot be "
+                "undone from the merged weight alone. Keep the frozen tree from split instead."
+            )
+        return _fold(w, f, -1.0)
+
+    return combine(params, adapters, fold_out, caller="unmerge", keep_trained=True)

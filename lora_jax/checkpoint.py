@@ -168,7 +168,11 @@ def _describe_adapters(adapters: PyTree) -> tuple[dict, list[dict]]:
         if isinstance(x, LoraFactors):
             _check_array("adapters", f"{path}/lora_a", x.lora_a)
             _check_array("adapters", f"{path}/lora_b", x.lora_b)
-            stored.append((parts, {"lora_a": x.lora_a, "lora_b": x.lora_b}))
+            arrays = {"lora_a": x.lora_a, "lora_b": x.lora_b}
+            if x.magnitude is not None:
+                _check_array("adapters", f"{path}/magnitude", x.magnitude)
+                arrays["magnitude"] = x.magnitude
+            stored.append((parts, arrays))
             meta.append(
                 {
                     "path": list(parts),
@@ -180,6 +184,7 @@ def _describe_adapters(adapters: PyTree) -> tuple[dict, list[dict]]:
                     "dropout": float(x.dropout),
                     "lora_a": _array_meta(x.lora_a),
                     "lora_b": _array_meta(x.lora_b),
+                    **({} if x.magnitude is None else {"magnitude": _array_meta(x.magnitude)}),
                 }
             )
         else:
@@ -206,6 +211,7 @@ def _abstract_adapters(meta: list[dict]) -> PyTree:
                 tuple(e["a_axes"]),
                 tuple(e["b_axes"]),
                 float(e["dropout"]),
+                _struct(e["magnitude"]) if "magnitude" in e else None,
             )
         else:
             value = _struct(e)
@@ -237,12 +243,17 @@ def _with_shardings(abstract: PyTree, shardings: PyTree | None, default: Shardin
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _factor_arrays(x: LoraFactors) -> dict:
+    arrays = {"lora_a": x.lora_a, "lora_b": x.lora_b}
+    if x.magnitude is not None:
+        arrays["magnitude"] = x.magnitude
+    return arrays
+
+
 def _stored_form(adapters: PyTree) -> PyTree:
     """An adapter tree (arrays, structs or shardings as leaves) in the nested-dict form it is stored in."""
     flat, _ = _tree._flatten(adapters, is_leaf=_tree._is_factors)
-    items = [
-        (parts, {"lora_a": x.lora_a, "lora_b": x.lora_b} if isinstance(x, LoraFactors) else x) for _, parts, x in flat
-    ]
+    items = [(parts, _factor_arrays(x) if isinstance(x, LoraFactors) else x) for _, parts, x in flat]
     return _tree._nest(iter(items))
 
 
@@ -261,6 +272,7 @@ def _from_stored(stored: PyTree, meta: list[dict]) -> PyTree:
                 tuple(e["a_axes"]),
                 tuple(e["b_axes"]),
                 float(e["dropout"]),
+                node.get("magnitude"),
             )
         items.append((tuple(e["path"]), node))
     return _tree._nest(iter(items))

@@ -96,7 +96,6 @@ _BASE_LAYER = ".base_layer"
 # PEFT config fields whose features change the forward in ways a LoRA factor
 # pair cannot hold; any truthy value is refused by `import_peft`.
 _UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA (a learned magnitude vector per output)",
     "use_qalora": "QALoRA (pooled inputs)",
     "lora_bias": "a trained bias on lora_B",
     "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE expert tensors)",
@@ -326,6 +325,20 @@ def export_peft(
                 else:
                     put(f"{_PREFIX}{module}.lora_A.weight", q, path)
                     put(f"{_PREFIX}{module}.lora_B.weight", p, path)
+                if entry.magnitude is not None:
+                    # PEFT's DoRA magnitude is one value per output feature of a Linear: our kernel's columns.
+                    if names.is_embedding(module) or not kernel or reversed_ab:
+                        problems.append(
+                            f"{path!r} is a DoRA adapter on a weight that is not a Linear kernel [in, out]; PEFT's "
+                            "DoRA magnitude is per output feature of a Linear only"
+                        )
+                        continue
+                    magnitude = np.asarray(entry.magnitude)
+                    put(
+                        f"{_PREFIX}{module}.lora_magnitude_vector",
+                        magnitude if layer is None else magnitude[layer],
+                        path,
+                    )
                 lora_modules[module] = (rank, alpha, float(entry.dropout))
         else:
             if not modules_to_save:
@@ -361,6 +374,11 @@ def export_peft(
         )
     if not lora_modules and not problems:
         problems.append("the adapter tree holds no LoRA factors")
+    dora = {
+        isinstance(e, LoraFactors) and e.magnitude is not None for e in entries.values() if isinstance(e, LoraFactors)
+    }
+    if len(dora) > 1:
+        problems.append("some factors are DoRA and some plain LoRA; PEFT's use_dora holds for a whole adapter")
     dropouts = sorted({d for _, _, d in lora_modules.values()})
     if len(dropouts) > 1:
         problems.append(f"the factors use different dropout rates {dropouts}; PEFT has one lora_dropout per adapter")
@@ -376,6 +394,7 @@ def export_peft(
         dropout=dropouts[0],
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
+        use_dora=dora == {True},
     )
 
     def write(tmp: pathlib.Path) -> None:
@@ -460,6 +479,7 @@ def _peft_config(
     dropout: float,
     base_model_name_or_path: str | None,
     task_type: str | None,
+    use_dora: bool = False,
 ) -> dict[str, Any]:
     modules = sorted(lora_modules)
     ranks = {m: lora_modules[m][0] for m in modules}
@@ -476,7 +496,7 @@ def _peft_config(
         "target_modules": sorted({_suffix(m) for m in modules}),
         "modules_to_save": trained_modules or None,
         "use_rslora": bool(rslora),
-        "use_dora": False,
+        "use_dora": bool(use_dora),
         "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -605,7 +625,9 @@ def import_peft(
             problems.append(f"tensor key {key!r} does not start with {_PREFIX!r}")
             continue
         name = key[len(_PREFIX) :]
-        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", name)
+        match = re.fullmatch(
+            r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)", name
+        )
         if match:
             lora[match.group(1)][match.group(2)] = value
             continue
@@ -623,10 +645,18 @@ def import_peft(
     rank_default, alpha_default = int(config.get("r", 8)), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0) or 0.0)
+    use_dora = bool(config.get("use_dora", False))
 
-    # path -> {layer: (A, B, rank, alpha)}
-    pieces: dict[str, dict[int | None, tuple[np.ndarray, np.ndarray, int, float]]] = collections.defaultdict(dict)
+    # path -> {layer: (A, B, rank, alpha, DoRA magnitude or None)}
+    pieces: dict[str, dict[int | None, tuple]] = collections.defaultdict(dict)
     for module, kinds in sorted(lora.items()):
+        magnitude = kinds.pop("lora_magnitude_vector", None)
+        if (magnitude is not None) != use_dora:
+            problems.append(
+                f"module {module!r} {'has' if magnitude is not None else 'lacks'} a lora_magnitude_vector but the "
+                f"config says use_dora={use_dora}"
+            )
+            continue
         if "lora_A.weight" in kinds and "lora_B.weight" in kinds:
             p, q = kinds["lora_B.weight"], kinds["lora_A.weight"]  # H [out, in] = P @ Q
         elif "lora_embedding_A" in kinds and "lora_embedding_B" in kinds:
@@ -665,14 +695,26 @@ def import_peft(
         if layer in pieces[path]:
             problems.append(f"modules mapping to {path!r} layer {layer} appear twice")
             continue
-        pieces[path][layer] = (a, b, rank, _pattern_value(alpha_pattern, module, alpha_default))
+        if magnitude is not None and (not kernel or "lora_A.weight" not in kinds or magnitude.shape != (b.shape[1],)):
+            problems.append(
+                f"module {module!r}: a DoRA magnitude of shape {tuple(magnitude.shape)} needs a Linear kernel with "
+                f"{b.shape[1]} outputs"
+            )
+            continue
+        pieces[path][layer] = (a, b, rank, _pattern_value(alpha_pattern, module, alpha_default), magnitude)
 
     factors: dict[str, LoraFactors] = {}
     scales: dict[str, tuple[int, float]] = {}
     for path, by_layer in sorted(pieces.items()):
         if None in by_layer:
-            a, b, rank, alpha = by_layer[None]
-            factors[path] = LoraFactors(jnp.asarray(a), jnp.asarray(b), _scale(alpha, rank, rslora), dropout=dropout)
+            a, b, rank, alpha, magnitude = by_layer[None]
+            factors[path] = LoraFactors(
+                jnp.asarray(a),
+                jnp.asarray(b),
+                _scale(alpha, rank, rslora),
+                dropout=dropout,
+                magnitude=None if magnitude is None else jnp.asarray(magnitude),
+            )
             scales[path] = (rank, alpha)
             continue
         count = np.shape(leaves[path])[0]
@@ -684,7 +726,7 @@ def import_peft(
                 "(scan_layers=False) instead"
             )
             continue
-        kinds = {(r, al) for _, _, r, al in by_layer.values()}
+        kinds = {(r, al) for _, _, r, al, _ in by_layer.values()}
         if len(kinds) > 1:
             problems.append(
                 f"{path!r} stacks layers whose (rank, alpha) differ: {sorted(kinds)}; one stacked leaf has one rank "
@@ -694,8 +736,9 @@ def import_peft(
         ((rank, alpha),) = kinds
         a = np.stack([by_layer[i][0] for i in range(count)])
         b = np.stack([by_layer[i][1] for i in range(count)])
+        magnitude = None if not use_dora else jnp.asarray(np.stack([by_layer[i][4] for i in range(count)]))
         factors[path] = LoraFactors(
-            jnp.asarray(a), jnp.asarray(b), _scale(alpha, rank, rslora), (0,), (1,), (2,), dropout
+            jnp.asarray(a), jnp.asarray(b), _scale(alpha, rank, rslora), (0,), (1,), (2,), dropout, magnitude
         )
         scales[path] = (rank, alpha)
 
@@ -721,6 +764,7 @@ def import_peft(
         rank_pattern={re.escape(p): r for p, (r, _) in sorted(scales.items()) if r != rank_default},
         alpha_pattern={re.escape(p): al for p, (_, al) in sorted(scales.items()) if al != alpha_default},
         dropout=dropout,
+        use_dora=use_dora,
     )
     return adapters, spec
 

@@ -178,7 +178,11 @@ def adapter_shardings(param_shardings: PyTree, adapters: PyTree, *, mesh: Mesh |
             )
         s = by_path[path]
         if isinstance(s, SingleDeviceSharding):
-            leaves.append(dataclasses.replace(entry, lora_a=s, lora_b=s) if isinstance(entry, LoraFactors) else s)
+            if isinstance(entry, LoraFactors):
+                magnitude = None if entry.magnitude is None else s
+                leaves.append(dataclasses.replace(entry, lora_a=s, lora_b=s, magnitude=magnitude))
+            else:
+                leaves.append(s)
             continue
         spec = spec_of(path, s)
         if isinstance(entry, LoraFactors):
@@ -186,7 +190,14 @@ def adapter_shardings(param_shardings: PyTree, adapters: PyTree, *, mesh: Mesh |
                 spec_a, spec_b = factor_specs(spec, entry)
             except ValueError as e:
                 raise ValueError(f"adapter_shardings: at {path!r}: {e}") from None
-            leaves.append(dataclasses.replace(entry, lora_a=finish(spec_a, s), lora_b=finish(spec_b, s)))
+            # A DoRA magnitude [*stack, *b] is sharded like the weight's stacked and output axes.
+            magnitude = None
+            if entry.magnitude is not None:
+                spec_m = PartitionSpec(*spec_b[: len(entry.stack_axes)], *spec_b[len(entry.stack_axes) + 1 :])
+                magnitude = finish(spec_m, s)
+            leaves.append(
+                dataclasses.replace(entry, lora_a=finish(spec_a, s), lora_b=finish(spec_b, s), magnitude=magnitude)
+            )
         else:
             leaves.append(finish(spec, s))
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -92,8 +92,14 @@ def _perturb(adapters, seed: int):
 
     def one(x):
         if _is_factors(x):
+            magnitude = (
+                None if x.magnitude is None else x.magnitude * (1.0 + noise(x.magnitude.shape, x.magnitude.dtype))
+            )
             return dataclasses.replace(
-                x, lora_a=noise(x.lora_a.shape, x.lora_a.dtype), lora_b=noise(x.lora_b.shape, x.lora_b.dtype)
+                x,
+                lora_a=noise(x.lora_a.shape, x.lora_a.dtype),
+                lora_b=noise(x.lora_b.shape, x.lora_b.dtype),
+                magnitude=magnitude,
             )
         return x + noise(x.shape, x.dtype)
 
@@ -124,6 +130,9 @@ def _assert_same_trees(x, y) -> None:
             )
             np.testing.assert_array_equal(a.lora_a, b.lora_a)
             np.testing.assert_array_equal(a.lora_b, b.lora_b)
+            assert (a.magnitude is None) == (b.magnitude is None)
+            if a.magnitude is not None:
+                np.testing.assert_array_equal(a.magnitude, b.magnitude)
         else:
             np.testing.assert_array_equal(a, b)
 
@@ -160,6 +169,7 @@ SPECS = {
     "embedding": lora.LoraSpec(
         rank=4, alpha=16, targets=["all-linear", r".*/embed_tokens/embedding"], train=".*/norm/.*"
     ),
+    "dora": lora.LoraSpec(rank=4, alpha=8, targets="all-linear", use_dora=True),
 }
 
 
@@ -176,7 +186,7 @@ def test_export_loads_in_peft_with_the_same_logits(untied, tmp_path, variant, sc
     directory = export_peft(adapters, spec, tmp_path / "adapter", base_model_name_or_path=str(checkpoint))
     assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((directory / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["use_dora"] is False and config["bias"] == "none"
+    assert config["peft_type"] == "LORA" and config["use_dora"] is (variant == "dora") and config["bias"] == "none"
     assert config["base_model_name_or_path"] == str(checkpoint)
     expected_targets = sorted(PROJECTIONS + (["embed_tokens"] if variant == "embedding" else []))
     assert config["target_modules"] == expected_targets
@@ -195,6 +205,8 @@ def test_export_loads_in_peft_with_the_same_logits(untied, tmp_path, variant, sc
         )
         assert "model.layers.1.post_attention_layernorm" in config["modules_to_save"]
         assert shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] == [2, 64]
+    if variant == "dora":
+        assert shapes["base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector"] == [32]
     if variant == "embedding":
         assert shapes["base_model.model.model.embed_tokens.lora_embedding_A"] == [4, 128]
         assert shapes["base_model.model.model.embed_tokens.lora_embedding_B"] == [64, 4]
@@ -221,6 +233,7 @@ PEFT_CONFIGS = {
         modules_to_save=["input_layernorm", "model.norm"],
     ),
     "embedding": dict(r=4, lora_alpha=16, target_modules=["embed_tokens", "q_proj", "down_proj"]),
+    "dora": dict(r=4, lora_alpha=8, target_modules=PROJECTIONS, use_dora=True),
 }
 
 
@@ -462,13 +475,16 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(config={"use_dora": True}), r"use_dora=True: DoRA"),
+        (dict(config={"use_dora": True}), r"q_proj' lacks a lora_magnitude_vector but the config says use_dora=True"),
         (dict(config={"peft_type": "IA3"}), r"peft_type is 'IA3'; only 'LORA'"),
         (dict(config={"lora_bias": True}), r"lora_bias=True"),
         (dict(config={"target_parameters": ["experts.w1"]}), r"target_parameters"),
         (dict(config={"bias": "all"}), r"bias='all'"),
         (dict(config={"init_lora_weights": "pissa"}), r"init_lora_weights='pissa'.*rewrites the base"),
-        (dict(tensors={f"{Q0}.lora_magnitude_vector": np.ones(64, np.float32)}), r"unknown tensor key"),
+        (
+            dict(tensors={f"{Q0}.lora_magnitude_vector": np.ones(64, np.float32)}),
+            r"q_proj' has a lora_magnitude_vector but the config says use_dora=False",
+        ),
         (dict(tensors={"model.layers.0.q_proj.lora_A.weight": np.ones((4, 64), np.float32)}), r"does not start"),
         (
             dict(
