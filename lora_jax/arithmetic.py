@@ -58,6 +58,12 @@ def _entries(caller: str, name: str, tree: PyTree) -> tuple[list[tuple[str, Any]
             f"{caller}: {name} holds no LoraFactors (paths: {[p for p, _ in entries][:5]}); it looks like a "
             "parameter tree rather than an adapter tree. Pass the adapter tree returned by lora_jax.split."
         )
+    dora = [p for p, x in entries if _is_factors(x) and x.magnitude is not None]
+    if dora:
+        raise ValueError(
+            f"{caller}: {name} holds DoRA adapters (with a magnitude) at {dora[:3]}; a DoRA weight m·V/||V|| is not "
+            "a sum of low-rank deltas, so it cannot be added or truncated as one. Merge them instead."
+        )
     return entries, treedef
 
 

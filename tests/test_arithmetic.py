@@ -327,3 +327,12 @@ def test_truncate_errors(adapters, rank, error, match):
 def test_docstring_examples():
     result = doctest.testmod(arithmetic, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_dora_adapters_are_refused():
+    params = {"w": jnp.ones((8, 6))}
+    _, adapters = lora.split(params, lora.LoraSpec(rank=2, targets="w", use_dora=True), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"DoRA adapters .* at \['w'\]"):
+        add_weighted([adapters, adapters], [0.5, 0.5])
+    with pytest.raises(ValueError, match="DoRA adapters"):
+        truncate(adapters, 1)
