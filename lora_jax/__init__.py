@@ -1,6 +1,6 @@
 """lora_jax: low-rank adaptation as a pure function transform for JAX."""
 
-from lora_jax import arithmetic, losses
+from lora_jax import arithmetic, losses, serving
 from lora_jax._quantize import QuantizedArray, dequantize_tree, quantize
 from lora_jax._spec import ALL_LINEAR, LoraSpec, path_to_str
 from lora_jax._transform import MaterializationError, MaterializationWarning, RetraceWarning, wrap
@@ -22,6 +22,7 @@ __all__ = [
     "merge",
     "path_to_str",
     "quantize",
+    "serving",
     "split",
     "unmerge",
     "wrap",

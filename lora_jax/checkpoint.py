@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import Sharding, SingleDeviceSharding
 
 from lora_jax import _spec, _tree, sharding
 from lora_jax._spec import ALL_LINEAR, LoraSpec
@@ -224,8 +224,7 @@ def _with_shardings(abstract: PyTree, shardings: PyTree | None, default: Shardin
     if shardings is None:
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=default), abstract)
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
-    is_leaf = lambda x: x is None or isinstance(x, (Sharding, PartitionSpec))
-    shard_leaves = jax.tree_util.tree_flatten(shardings, is_leaf=is_leaf)[0]
+    shard_leaves = sharding._sharding_leaves(shardings)
     if len(shard_leaves) != len(leaves):
         raise ValueError(
             f"checkpoint.restore: the shardings given have {len(shard_leaves)} leaves but the checkpoint's tree "

@@ -104,7 +104,8 @@ def stack_adapters(adapters_list: Sequence[PyTree], *, rank: int | None = None) 
     with an init that leaves the frozen tree untouched (not ``"pissa"`` or
     ``"olora"``, whose frozen tree is a per-adapter residual: that cannot be
     checked here). Fully trained leaves (``LoraSpec(train=...)``) are refused:
-    serving them would take one full copy of the leaf per adapter.
+    serving them would take one full copy of the leaf per adapter. So are
+    DoRA adapters (``use_dora=True``).
 
     Args:
       adapters_list: N >= 1 adapter trees from `lora_jax.split`, trained or
@@ -120,8 +121,8 @@ def stack_adapters(adapters_list: Sequence[PyTree], *, rank: int | None = None) 
     Raises:
       ValueError: ``adapters_list`` is empty; the trees differ in paths,
         layouts, shapes or dtypes (the message names the path and the
-        adapter); one holds a fully trained array; or ``rank`` is smaller
-        than an adapter's rank.
+        adapter); one holds a fully trained array or is a DoRA adapter; or
+        ``rank`` is smaller than an adapter's rank.
       TypeError: an entry is not an adapter tree, or ``rank`` not an int.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lora
@@ -161,6 +162,13 @@ def stack_adapters(adapters_list: Sequence[PyTree], *, rank: int | None = None) 
                     f"{np.shape(x)}), not LoraFactors. Serving one full copy of a leaf per adapter is not "
                     "supported: split without LoraSpec(train=...) for adapters served together, or serve that "
                     "adapter on its own with lora_jax.merge."
+                )
+            if x.magnitude is not None:
+                raise ValueError(
+                    f"stack_adapters: adapters_list[{i}] is a DoRA adapter (LoraSpec(use_dora=True): a magnitude at "
+                    f"{path!r}); serving DoRA adapters in one batch is not supported, since the base model and "
+                    "plain LoRA adapters in the same stack would need magnitudes of their own. Serve it on its own "
+                    "with lora_jax.wrap or lora_jax.merge."
                 )
         flats.append((flat, treedef))
 

@@ -42,6 +42,21 @@ def _is_sharding_leaf(x: Any) -> bool:
     return x is None or isinstance(x, (Sharding, PartitionSpec))
 
 
+def _sharding_leaves(tree: PyTree) -> list:
+    """The leaves of an adapter shardings tree, one per array of the adapter tree, in its order.
+
+    ``None`` means replicated, except in a `LoraFactors`' ``magnitude`` slot,
+    where it means the adapter has no magnitude (plain LoRA, not DoRA).
+    """
+    out: list = []
+    for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LoraFactors) or _is_sharding_leaf(x)):
+        if isinstance(x, LoraFactors):
+            out += [x.lora_a, x.lora_b] + ([] if x.magnitude is None else [x.magnitude])
+        else:
+            out.append(x)
+    return out
+
+
 def factor_specs(w_spec: PartitionSpec, factors: LoraFactors) -> tuple[PartitionSpec, PartitionSpec]:
     """The `PartitionSpec`\\ s of ``lora_a`` and ``lora_b`` for a weight sharded as ``w_spec``.
 
@@ -235,7 +250,7 @@ def optimizer_state_shardings(optimizer: optax.GradientTransformation, adapters:
     (P(None, 'model'), P())
     """
     param_flat, param_def = jax.tree_util.tree_flatten_with_path(adapters)
-    shard_leaves = jax.tree.leaves(shardings, is_leaf=_is_sharding_leaf)
+    shard_leaves = _sharding_leaves(shardings)
     if len(shard_leaves) != len(param_flat):
         raise ValueError(
             f"optimizer_state_shardings: `shardings` has {len(shard_leaves)} leaves but `adapters` has "

@@ -11,6 +11,8 @@ MODULES = [
     "lora_jax._tree",
     "lora_jax._trace",
     "lora_jax._transform",
+    "lora_jax._primitives",
+    "lora_jax.losses",
     "lora_jax.optim",
     "lora_jax.sharding",
     "lora_jax.checkpoint",
@@ -38,6 +40,9 @@ MODULES = [
 
 PUBLIC = [
     "lora_jax",
+    "lora_jax.arithmetic",
+    "lora_jax.losses",
+    "lora_jax.serving",
     "lora_jax.optim",
     "lora_jax.sharding",
     "lora_jax.checkpoint",
