@@ -562,12 +562,12 @@ def test_import_lists_every_problem(exported, tmp_path) -> None:
     directory = _corrupt(
         exported,
         tmp_path,
-        config={"use_dora": True, "lora_bias": True},
+        config={"use_qalora": True, "lora_bias": True},
         tensors={f"{Q0}.lora_B.weight": None, f"{Q0}.extra": np.ones(2, np.float32)},
     )
     with pytest.raises(ValueError) as info:
         import_peft(directory, exported[1])
-    assert "use_dora" in str(info.value) and "lora_bias" in str(info.value)
+    assert "use_qalora" in str(info.value) and "lora_bias" in str(info.value)
     # Features are checked before tensors are read; once they pass, all tensor problems are listed.
     (tmp_path / "b").mkdir()
     directory = _corrupt(exported, tmp_path / "b", tensors={f"{Q0}.lora_B.weight": None, f"{Q0}.extra": np.ones(2)})
