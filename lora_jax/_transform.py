@@ -143,6 +143,7 @@ class _Interpreter:
         self.warned: set[tuple[str, str]] = set()
         self.dropout_key = dropout_key
         self.dropout_uses = 0
+        self.remat_depth = 0  # > 0 while evaluating the body of a jax.checkpoint
 
     def dropout(self, x: jax.Array, rate: float) -> jax.Array:
         """Inverted dropout on the input of a low-rank path (identity without a key)."""
@@ -513,9 +514,18 @@ def _dot_general(interp, eqn, invals):
     target = [("batch", k) for k in range(n_batch)] + (w_out + x_out if weight_is_lhs else x_out + w_out)
     base_spec = _explicit_spec(base)
     up_sharding = None if base_spec is None else P(*[base_spec[target.index(label)] for label in labels])
-    up = jax.lax.dot_general(
-        low, outer, outer_dims, precision=precision, preferred_element_type=pref, out_sharding=up_sharding
-    )
+    if n_batch == 0 and up_sharding is None and interp.remat_depth:
+        # Inside a remat body, a unit batch axis (which XLA drops) keeps a "dots" policy
+        # (dots_with_no_batch_dims_saveable) from saving this [tokens, out] product next to the base
+        # one: it is cheap to recompute from `low`. Outside remat nothing is saved by policy.
+        (low_c, outer_c), _ = outer_dims
+        unit_dims = (([c + 1 for c in low_c], [c + 1 for c in outer_c]), ([0], [0]))
+        up = jax.lax.dot_general(low[None], outer[None], unit_dims, precision=precision, preferred_element_type=pref)
+        up = up[0]
+    else:
+        up = jax.lax.dot_general(
+            low, outer, outer_dims, precision=precision, preferred_element_type=pref, out_sharding=up_sharding
+        )
     up = jnp.transpose(up, [labels.index(label) for label in target])
     out = base + up.astype(base.dtype)
     if weight.magnitude is None:
@@ -671,7 +681,11 @@ def _remat(interp, eqn, invals):
     body = prims.body(eqn)
 
     def fn(*args):
-        return interp.materialize_all(interp.eval_closed(body, args), "the output of a remat body")
+        interp.remat_depth += 1
+        try:
+            return interp.materialize_all(interp.eval_closed(body, args), "the output of a remat body")
+        finally:
+            interp.remat_depth -= 1
 
     return jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
 

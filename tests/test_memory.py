@@ -66,3 +66,13 @@ def test_lora_flops_stay_under_seven_tenths_of_full_fine_tuning_without_remat():
     full_c = memory.llama_step("full", memory.Levers(None, "einsum", 1024))
     lora_c = memory.llama_step("wrap", memory.Levers(None, "einsum", 1024))
     assert lora_c["gflops"] / full_c["gflops"] <= 0.72
+
+
+def test_with_the_dots_policy_lora_keeps_fewer_activations_than_full_fine_tuning():
+    # "dots" keeps the outputs of the weight matmuls; inside a remat body `wrap` computes the cheap
+    # low-rank up-projection so that the policy does not keep it too. Measured: temporaries 11.57 against
+    # 13.89 GiB, totals 14.85 against 23.42 GiB (0.63x); without that, 19.12 GiB of temporaries.
+    dots = memory.Levers("dots", "blockwise", 1024)
+    full, lora = memory.llama_step("full", dots), memory.llama_step("wrap", dots)
+    assert lora["temp_gib"] < full["temp_gib"]
+    assert lora["total_gib"] <= 0.65 * full["total_gib"]
