@@ -62,6 +62,14 @@ class LoraFactors:
         return low_rank_delta(self.lora_a, self.lora_b, self.scale, self.stack_axes, self.a_axes, self.b_axes, dtype)
 
 
+def layout_without_rank(f: LoraFactors) -> tuple:
+    """Everything about a factor pair's layout but its rank: the three axis groups and both shapes without
+    the rank axis. Two adapters of one weight that differ only in rank have equal values."""
+    ns = len(f.stack_axes)
+    b_shape = tuple(f.lora_b.shape[:ns]) + tuple(f.lora_b.shape[ns + 1 :])
+    return f.stack_axes, f.a_axes, f.b_axes, tuple(f.lora_a.shape[:-1]), b_shape
+
+
 def low_rank_delta(a, b, scale, stack, a_axes, b_axes, dtype=None) -> jax.Array:
     """``scale·A@B`` with its axes put back in ``W``'s order."""
     if dtype is not None:

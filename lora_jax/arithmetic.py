@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._spec import path_to_str
-from lora_jax._tree import LoraFactors
+from lora_jax._tree import LoraFactors, layout_without_rank
 
 __all__ = ["add_weighted", "truncate"]
 
@@ -65,11 +65,6 @@ def _entries(caller: str, name: str, tree: PyTree) -> tuple[list[tuple[str, Any]
             "a sum of low-rank deltas, so it cannot be added or truncated as one. Merge them instead."
         )
     return entries, treedef
-
-
-def _shape_without_rank(f: LoraFactors) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    ns = len(f.stack_axes)
-    return tuple(f.lora_a.shape[:-1]), tuple(f.lora_b.shape[:ns] + f.lora_b.shape[ns + 1 :])
 
 
 def add_weighted(adapters_list: Sequence[PyTree], weights: Sequence[float], *, base: PyTree | None = None) -> PyTree:
@@ -218,14 +213,14 @@ def _check_same_paths(caller: str, paths: list[list[str]]) -> None:
 
 def _add_factors(caller: str, path: str, items: list[Any], weights: list[float]) -> LoraFactors:
     f0 = items[0]
-    layout0, shapes0 = (f0.stack_axes, f0.a_axes, f0.b_axes), _shape_without_rank(f0)
+    layout0 = layout_without_rank(f0)
     for i, f in enumerate(items[1:], 1):
         if not _is_factors(f):
             raise ValueError(
                 f"{caller}: at {path!r}, adapters_list[0] holds LoraFactors but adapters_list[{i}] holds a plain "
                 "array (a leaf that trains in full); the trees come from different specs."
             )
-        if (f.stack_axes, f.a_axes, f.b_axes) != layout0 or _shape_without_rank(f) != shapes0:
+        if layout_without_rank(f) != layout0:
             raise ValueError(
                 f"{caller}: the adapters at {path!r} have incompatible layouts: adapters_list[0] has lora_a "
                 f"{tuple(f0.lora_a.shape)}, lora_b {tuple(f0.lora_b.shape)} (stack_axes={f0.stack_axes}, "

@@ -228,22 +228,7 @@ def _stack(factors: list, scales: jax.Array, ranks: tuple[int, ...], rank_axes: 
 
 
 def _check_same_layout(path: str, i: int, f: LoraFactors, f0: LoraFactors) -> None:
-    rank_b = len(f0.stack_axes)
-    got = (
-        f.stack_axes,
-        f.a_axes,
-        f.b_axes,
-        f.lora_a.shape[:-1],
-        f.lora_b.shape[:rank_b] + f.lora_b.shape[rank_b + 1 :],
-    )
-    want = (
-        f0.stack_axes,
-        f0.a_axes,
-        f0.b_axes,
-        f0.lora_a.shape[:-1],
-        f0.lora_b.shape[:rank_b] + f0.lora_b.shape[rank_b + 1 :],
-    )
-    if got != want:
+    if _tree.layout_without_rank(f) != _tree.layout_without_rank(f0):
         raise ValueError(
             f"stack_adapters: adapters_list[{i}] at {path!r} has lora_a {tuple(f.lora_a.shape)}, lora_b "
             f"{tuple(f.lora_b.shape)} (axes stack={f.stack_axes}, a={f.a_axes}, b={f.b_axes}), which does not "
