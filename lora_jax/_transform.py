@@ -12,6 +12,11 @@ factored; the ones that consume a weight apply both parts:
   1x1 projection;
 * ``gather`` (an embedding lookup): gather rows of ``A``, then ``@ B``.
 
+What each adapted weight does in those uses is up to its kind (LoRA, DoRA;
+a dense or a quantised frozen part): see `lora_jax._adapted`. This module
+is the interpreter and the rules that read each primitive's parameters and
+hand the weight to its kind.
+
 Higher-order primitives are re-entered through their public ops
 (`jax.lax.scan`, `jax.checkpoint`, `jax.lax.switch`, `jax.lax.while_loop`)
 with factored values passed through as pytrees. Anything else forms
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,14 +35,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType
-from jax.sharding import PartitionSpec as P
 
+from lora_jax import _adapted, _tree
 from lora_jax import _primitives as prims
-from lora_jax import _tree
+from lora_jax._adapted import QUANTIZED, Factored, _renumber
 from lora_jax._quantize import QuantizedArray
-from lora_jax._trace import reshape_chunks
-from lora_jax._tree import LoraFactors, add_delta, dora_weight
+from lora_jax._tree import LoraFactors
 
 
 class MaterializationWarning(UserWarning):
@@ -49,92 +51,13 @@ class MaterializationError(ValueError):
     """`wrap(..., strict=True)` met a use of an adapted weight it cannot keep factored."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Meta:
-    scale: float
-    stack: tuple[int, ...]
-    a_axes: tuple[int, ...]
-    b_axes: tuple[int, ...]
-    path: str
-    dropout: float = 0.0
-
-
-@jax.tree_util.register_pytree_node_class
-class Factored:
-    """An adapted weight inside the interpreter: ``W + s·A@B``, never summed."""
-
-    __slots__ = ("w", "a", "b", "meta", "magnitude")
-
-    def __init__(self, w, a, b, meta: _Meta, magnitude=None):
-        self.w, self.a, self.b, self.meta, self.magnitude = w, a, b, meta, magnitude
-
-    def tree_flatten(self):
-        return (self.w, self.a, self.b, self.magnitude), self.meta
-
-    @classmethod
-    def tree_unflatten(cls, meta, children):
-        w, a, b, magnitude = children
-        return cls(w, a, b, meta, magnitude)
-
-    def replace(self, w=None, a=None, b=None, magnitude=None, **meta) -> Factored:
-        return Factored(
-            self.w if w is None else w,
-            self.a if a is None else a,
-            self.b if b is None else b,
-            dataclasses.replace(self.meta, **meta),
-            self.magnitude if magnitude is None else magnitude,
-        )
-
-    def a_pos(self, axis: int) -> int:
-        """Position in ``A`` of W's axis ``axis`` (stack or a side)."""
-        m = self.meta
-        return m.stack.index(axis) if axis in m.stack else len(m.stack) + m.a_axes.index(axis)
-
-    def b_pos(self, axis: int) -> int:
-        """Position in ``B`` of W's axis ``axis`` (stack or b side)."""
-        m = self.meta
-        return m.stack.index(axis) if axis in m.stack else len(m.stack) + 1 + m.b_axes.index(axis)
-
-    def full(self) -> jax.Array:
-        m = self.meta
-        if self.magnitude is not None:
-            return dora_weight(_dense(self.w), self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes, self.magnitude)
-        return add_delta(_dense(self.w), self.a, self.b, m.scale, m.stack, m.a_axes, m.b_axes)
-
-
-def _dense(w: Any) -> Any:
-    """A quantised frozen weight in full precision, at the point of use; anything else as it is."""
-    return w.dequantize() if isinstance(w, QuantizedArray) else w
-
-
-def _lazy_cast(eqn: prims.JaxprEqn, q: QuantizedArray) -> QuantizedArray | None:
-    """A cast of a quantised weight, kept quantised: it dequantises straight to the new dtype later."""
-    if eqn.primitive.name == "convert_element_type":
-        new_dtype = prims.params(eqn)["new_dtype"]
-        if jnp.issubdtype(new_dtype, jnp.floating):
-            return dataclasses.replace(q, dtype=jnp.dtype(new_dtype).name)
-        return None
-    return q if eqn.primitive.name in ("copy", "copy_p") else None
-
-
-def _bind_dequantizing(eqn: prims.JaxprEqn, invals: Sequence[Any]) -> Any:
-    """Binds ``eqn`` on its inputs with quantised weights dequantised inside a `jax.checkpoint`.
-
-    Without the checkpoint the backward pass would keep the full-precision
-    weight from the forward pass (a matmul's input gradient needs it); with
-    it, the backward pass keeps the codes and dequantises again.
-    """
-    if not any(isinstance(x, QuantizedArray) for x in invals):
-        return prims.bind(eqn, invals)
-    return jax.checkpoint(lambda *vals: prims.bind(eqn, [_dense(v) for v in vals]))(*invals)
-
-
 _BODY_ROLES = frozenset({prims.Role.CALL, prims.Role.REMAT, prims.Role.SCAN, prims.Role.WHILE, prims.Role.COND})
 """Roles whose rules pass values into a body as pytrees, so a quantised weight can travel into it."""
 
-
-def _renumber(axes: Sequence[int], removed: Sequence[int]) -> tuple[int, ...]:
-    return tuple(ax - sum(r < ax for r in removed) for ax in axes)
+_RELAYOUT_ROLES = frozenset(
+    {prims.Role.CAST, prims.Role.TRANSPOSE, prims.Role.RESHAPE, prims.Role.SLICE, prims.Role.SQUEEZE}
+)
+"""Roles that re-lay a weight out: a quantised frozen weight stays quantised through them where it can."""
 
 
 class _Interpreter:
@@ -215,13 +138,12 @@ class _Interpreter:
                 # A quantised frozen weight travels into bodies (a scan slices its codes per layer) and is
                 # dequantised by the first operation that uses it, inside the same compiled program.
                 role = prims.ROLES.get(eqn.primitive.name)
-                outs = None
                 if role in _BODY_ROLES:
                     outs = _RULES[eqn.primitive.name](self, eqn, invals)
-                elif role is prims.Role.CAST:
-                    outs = _lazy_cast(eqn, invals[0])
-                if outs is None:
-                    outs = _bind_dequantizing(eqn, invals)
+                elif role in _RELAYOUT_ROLES and not any(isinstance(x, QuantizedArray) for x in invals[1:]):
+                    outs = QUANTIZED.relayout(eqn, invals)
+                else:
+                    outs = _adapted.bind(eqn, invals)
             else:
                 outs = self.bind(eqn, invals)
             if not eqn.primitive.multiple_results:
@@ -252,68 +174,37 @@ def _rule(role: prims.Role):
     return register
 
 
-def _with_w(eqn, invals, f: Factored, position: int):
-    vals = list(invals)
-    vals[position] = _dense(f.w)
-    return _Interpreter.bind(eqn, vals)
+def _dequantized(x: Any) -> Any:
+    """The other operand of a use: a quantised frozen weight there is dequantised."""
+    return x.dequantize() if isinstance(x, QuantizedArray) else x
+
+
+def _relaid_w(eqn, invals, f: Factored) -> Any:
+    """The frozen ``W`` of ``f`` after ``eqn`` (a cast or re-layout), in the form its frozen kind keeps."""
+    return f.frozen.relayout(eqn, [f.w, *invals[1:]])
 
 
 @_rule(prims.Role.CAST)
 def _cast(interp, eqn, invals):
-    (f,) = invals
     # A and B keep their own dtype; they are cast to W's at the point of use.
-    if isinstance(f.w, QuantizedArray):
-        lazy = _lazy_cast(eqn, f.w)
-        if lazy is not None:
-            return f.replace(w=lazy)
-    return f.replace(w=_with_w(eqn, invals, f, 0))
+    (f,) = invals
+    return f.replace(w=_relaid_w(eqn, invals, f))
 
 
 @_rule(prims.Role.TRANSPOSE)
 def _transpose(interp, eqn, invals):
     (f,) = invals
-    inv = np.argsort(prims.params(eqn)["permutation"])
-    m = f.meta
-    return f.replace(
-        w=_with_w(eqn, invals, f, 0),
-        stack=tuple(int(inv[i]) for i in m.stack),
-        a_axes=tuple(int(inv[i]) for i in m.a_axes),
-        b_axes=tuple(int(inv[i]) for i in m.b_axes),
-    )
+    return f.transpose(_relaid_w(eqn, invals, f), prims.params(eqn)["permutation"])
 
 
 @_rule(prims.Role.RESHAPE)
 def _reshape(interp, eqn, invals):
     # Splitting or merging axes within one group (stack, in side, out side)
     # commutes with the factorisation: reshape A or B the same way.
-    if len(invals) != 1 or prims.params(eqn).get("dimensions") or invals[0].magnitude is not None:
+    if len(invals) != 1 or prims.params(eqn).get("dimensions"):
         return None
     (f,) = invals
-    m = f.meta
-    new_shape = tuple(prims.params(eqn)["new_sizes"])
-    chunks = reshape_chunks(f.w.shape, new_shape)
-    groups = {"stack": m.stack, "a": m.a_axes, "b": m.b_axes}
-    if chunks is None or any(tuple(sorted(axes)) != tuple(axes) for axes in groups.values()):
-        return None
-    group_of = {ax: g for g, axes in groups.items() for ax in axes}
-    new_group: dict[int, str] = {}
-    for olds, news in chunks:
-        owners = {group_of[o] for o in olds}
-        if len(owners) != 1:
-            return None
-        owner = owners.pop()
-        new_group.update((n, owner) for n in news)
-    new = {g: tuple(n for n in range(len(new_shape)) if new_group[n] == g) for g in groups}
-    size = lambda g: [new_shape[n] for n in new[g]]
-    rank = f.a.shape[-1]
-    return f.replace(
-        w=_with_w(eqn, invals, f, 0),
-        a=f.a.reshape(*size("stack"), *size("a"), rank),
-        b=f.b.reshape(*size("stack"), rank, *size("b")),
-        stack=new["stack"],
-        a_axes=new["a"],
-        b_axes=new["b"],
-    )
+    return f.reshape(_relaid_w(eqn, invals, f), tuple(prims.params(eqn)["new_sizes"]))
 
 
 def _full_outside_stack(f: Factored, out_shape: Sequence[int]) -> bool:
@@ -333,34 +224,29 @@ def _slice(interp, eqn, invals):
     p = prims.params(eqn)
     if not _full_outside_stack(f, eqn.outvars[0].aval.shape) or any(s not in (None, 1) for s in p["strides"] or ()):
         return None
-    m, ns = f.meta, len(f.meta.stack)
 
-    def cut(x, pos_of, r_pos):
+    def cut(x, pos_of):
         start, limit = [0] * x.ndim, list(x.shape)
-        for ax in m.stack:
+        for ax in f.meta.stack:
             start[pos_of(ax)], limit[pos_of(ax)] = p["start_indices"][ax], p["limit_indices"][ax]
         return jax.lax.slice(x, start, limit)
 
-    magnitude = None if f.magnitude is None else cut(f.magnitude, f.a_pos, -1)
-    return f.replace(
-        w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos, -1), b=cut(f.b, f.b_pos, ns), magnitude=magnitude
-    )
+    return f.map_stack(_relaid_w(eqn, invals, f), cut)
 
 
 def _dynamic_slice(interp, eqn, invals):
     f, *starts = invals
-    if any(isinstance(s, Factored) for s in starts) or not _full_outside_stack(f, prims.params(eqn)["slice_sizes"]):
+    sizes = prims.params(eqn)["slice_sizes"]
+    if any(isinstance(s, Factored) for s in starts) or not _full_outside_stack(f, sizes):
         return None
-    m = f.meta
 
     def cut(x, pos_of):
-        idx, sizes = [0] * x.ndim, list(x.shape)
-        for ax in m.stack:
-            idx[pos_of(ax)], sizes[pos_of(ax)] = starts[ax], prims.params(eqn)["slice_sizes"][ax]
-        return jax.lax.dynamic_slice(x, idx, sizes)
+        idx, shape = [0] * x.ndim, list(x.shape)
+        for ax in f.meta.stack:
+            idx[pos_of(ax)], shape[pos_of(ax)] = starts[ax], sizes[ax]
+        return jax.lax.dynamic_slice(x, idx, shape)
 
-    magnitude = None if f.magnitude is None else cut(f.magnitude, f.a_pos)
-    return f.replace(w=_with_w(eqn, invals, f, 0), a=cut(f.a, f.a_pos), b=cut(f.b, f.b_pos), magnitude=magnitude)
+    return f.map_stack(_relaid_w(eqn, invals, f), cut)
 
 
 @_rule(prims.Role.SQUEEZE)
@@ -370,14 +256,9 @@ def _squeeze(interp, eqn, invals):
     m = f.meta
     if not set(dims) <= set(m.stack):
         return None
-    a = jnp.squeeze(f.a, tuple(f.a_pos(d) for d in dims))
-    b = jnp.squeeze(f.b, tuple(f.b_pos(d) for d in dims))
-    magnitude = None if f.magnitude is None else jnp.squeeze(f.magnitude, tuple(f.a_pos(d) for d in dims))
-    return f.replace(
-        w=_with_w(eqn, invals, f, 0),
-        a=a,
-        b=b,
-        magnitude=magnitude,
+    return f.map_stack(
+        _relaid_w(eqn, invals, f),
+        lambda x, pos_of: jnp.squeeze(x, tuple(pos_of(d) for d in dims)),
         stack=_renumber([s for s in m.stack if s not in dims], dims),
         a_axes=_renumber(m.a_axes, dims),
         b_axes=_renumber(m.b_axes, dims),
@@ -386,282 +267,29 @@ def _squeeze(interp, eqn, invals):
 
 @_rule(prims.Role.CONTRACT)
 def _dot_general(interp, eqn, invals):
-    """``act · W`` as ``act · W + s·(act · A) · B`` for any dimension numbers.
-
-    The activation's contracted axes meet ``W``'s, and ``W``'s axes belong to
-    three groups (`_Meta`): ``stack`` (per-layer, must be the dot's batch
-    axes), ``a`` (carried by ``A``) and ``b`` (carried by ``B``). The low-rank
-    path contracts the activation first with the *inner* factor, the one that
-    holds the contracted axes, giving ``low`` with a rank axis, then contracts
-    ``low`` with the *outer* factor over the rank (and any remaining
-    contracted axes), and finally transposes ``up`` into the order
-    ``dot_general`` gives the base product.
-
-    Worked example: ``jnp.einsum("bsd,dhk->bshk", x, W)``, a ``DenseGeneral``
-    query projection, ``W`` ``[d, h, k]`` with ``a = (0,)``, ``b = (1, 2)``,
-    so ``A`` is ``[d, r]`` and ``B`` is ``[r, h, k]``.
-
-    * dimension numbers: ``x`` contracts axis 2 with ``W``'s axis 0, no batch.
-      ``pairs_a = [(2, 0)]`` (W's axis 0 is on A's side), ``pairs_b = []``;
-      so ``inner = A``, ``outer = B``.
-    * ``low = dot_general(x, A)`` contracting x's 2 with A's 0:
-      ``[b, s, r]``; its rank axis is ``low_rank = 2``.
-    * ``up = dot_general(low, B)`` contracting low's 2 with B's 0:
-      ``[b, s, h, k]``, labelled ``[("act", 0), ("act", 1), ("w", 1), ("w", 2)]``.
-    * the base ``x · W`` is ``[b, s, h, k]`` too (x's free axes, then W's),
-      so the transpose is the identity and ``base + up`` is the answer.
-    """
     lhs, rhs = invals
     if isinstance(lhs, Factored) and isinstance(rhs, Factored):
         lhs = interp.materialize(lhs, "a dot_general with another adapted weight")
-    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = prims.params(eqn)["dimension_numbers"]
     if isinstance(rhs, Factored):
-        weight, act, w_contract, w_batch, x_contract, x_batch, weight_is_lhs = (
-            rhs,
-            lhs,
-            rhs_contract,
-            rhs_batch,
-            lhs_contract,
-            lhs_batch,
-            False,
-        )
-    else:
-        weight, act, w_contract, w_batch, x_contract, x_batch, weight_is_lhs = (
-            lhs,
-            rhs,
-            lhs_contract,
-            lhs_batch,
-            rhs_contract,
-            rhs_batch,
-            True,
-        )
-    meta = weight.meta
-    if set(w_batch) != set(meta.stack):
-        return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
-    if weight.magnitude is not None and set(w_contract) != set(meta.a_axes):
-        return None  # DoRA's norm is per output column: only a use that contracts exactly the input axes
-    w_dtype = jnp.dtype(weight.w.dtype)
-    base = _bind_dequantizing(eqn, [weight.w, act] if weight_is_lhs else [act, weight.w])
-    precision = prims.params(eqn).get("precision")
-    pref = prims.params(eqn).get("preferred_element_type")
-    a, b = weight.a.astype(w_dtype), weight.b.astype(w_dtype)
-    pairs_a = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.a_axes]
-    pairs_b = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.b_axes]
-    # Contract the activation first with the factor that holds its contracted axes, so the
-    # intermediate is [..., rank] rather than an outer product.
-    if pairs_a or not pairs_b:
-        inner, inner_pos, inner_pairs, outer, outer_pos, outer_pairs = (
-            a,
-            weight.a_pos,
-            pairs_a,
-            b,
-            weight.b_pos,
-            pairs_b,
-        )
-        inner_rank, outer_rank = a.ndim - 1, len(meta.stack)
-    else:
-        inner, inner_pos, inner_pairs, outer, outer_pos, outer_pairs = (
-            b,
-            weight.b_pos,
-            pairs_b,
-            a,
-            weight.a_pos,
-            pairs_a,
-        )
-        inner_rank, outer_rank = len(meta.stack), a.ndim - 1
-    n_batch = len(x_batch)
-    inner_dims = (
-        ([act_axis for act_axis, _ in inner_pairs], [inner_pos(w_axis) for _, w_axis in inner_pairs]),
-        (list(x_batch), [inner_pos(w) for w in w_batch]),
-    )
-    x_free = [i for i in range(act.ndim) if i not in x_batch and i not in [act_axis for act_axis, _ in inner_pairs]]
-    inner_used = {inner_pos(w_axis) for _, w_axis in inner_pairs} | {inner_pos(w) for w in w_batch}
-    inner_free = [i for i in range(inner.ndim) if i not in inner_used]
-    x_spec = _explicit_spec(act)
-    # With explicit mesh axes JAX asks for the output sharding of a contraction
-    # over sharded axes: keep act's sharding on its free axes, replicate the rest.
-    low_sharding = None if x_spec is None else P(*[x_spec[i] for i in (*x_batch, *x_free)], *[None] * len(inner_free))
-    low = jax.lax.dot_general(
-        interp.dropout(act, meta.dropout), inner, inner_dims, precision=precision, out_sharding=low_sharding
-    )
-    low_pos_of_x = {act_axis: n_batch + k for k, act_axis in enumerate(x_free)}
-    low_rank = n_batch + len(x_free) + inner_free.index(inner_rank)
-    low = low * jnp.asarray(meta.scale, low.dtype)
-    outer_dims = (
-        (
-            [low_pos_of_x[act_axis] for act_axis, _ in outer_pairs] + [low_rank],
-            [outer_pos(w_axis) for _, w_axis in outer_pairs] + [outer_rank],
-        ),
-        (list(range(n_batch)), [outer_pos(w) for w in w_batch]),
-    )
-    # Label up's axes, then put them in dot_general's output order.
-    w_axis_of_inner = _w_axis_of(weight, inner is a)
-    w_axis_of_outer = _w_axis_of(weight, inner is not a)
-    low_free_labels = [("act", act_axis) for act_axis in x_free] + [
-        ("w", w_axis_of_inner[i]) for i in inner_free if i != inner_rank
-    ]
-    labels = [("batch", k) for k in range(n_batch)]
-    labels += [
-        label
-        for label in low_free_labels
-        if label[0] == "act" and label[1] not in [act_axis for act_axis, _ in outer_pairs]
-    ]
-    labels += [label for label in low_free_labels if label[0] == "w"]
-    outer_used = {outer_pos(w_axis) for _, w_axis in outer_pairs} | {outer_pos(w) for w in w_batch} | {outer_rank}
-    labels += [("w", w_axis_of_outer[i]) for i in range(outer.ndim) if i not in outer_used]
-    x_out = [("act", i) for i in range(act.ndim) if i not in x_batch and i not in x_contract]
-    w_out = [("w", i) for i in range(weight.w.ndim) if i not in w_batch and i not in w_contract]
-    target = [("batch", k) for k in range(n_batch)] + (w_out + x_out if weight_is_lhs else x_out + w_out)
-    base_spec = _explicit_spec(base)
-    up_sharding = None if base_spec is None else P(*[base_spec[target.index(label)] for label in labels])
-    if n_batch == 0 and up_sharding is None and interp.remat_depth:
-        # Inside a remat body, a unit batch axis (which XLA drops) keeps a "dots" policy
-        # (dots_with_no_batch_dims_saveable) from saving this [tokens, out] product next to the base
-        # one: it is cheap to recompute from `low`. Outside remat nothing is saved by policy.
-        (low_c, outer_c), _ = outer_dims
-        unit_dims = (([c + 1 for c in low_c], [c + 1 for c in outer_c]), ([0], [0]))
-        up = jax.lax.dot_general(low[None], outer[None], unit_dims, precision=precision, preferred_element_type=pref)
-        up = up[0]
-    else:
-        up = jax.lax.dot_general(
-            low, outer, outer_dims, precision=precision, preferred_element_type=pref, out_sharding=up_sharding
-        )
-    up = jnp.transpose(up, [labels.index(label) for label in target])
-    out = base + up.astype(base.dtype)
-    if weight.magnitude is None:
-        return out
-    # DoRA: (W + s·A@B) x scaled per output column by m / ||W + s·A@B||, which commutes with the matmul.
-    factor = weight.magnitude.astype(jnp.float32) / _dora_norm(weight, a, b)  # [*stack, *b]
-    ns = len(meta.stack)
-    positions = [
-        meta.stack.index(w_batch[label[1]])
-        if label[0] == "batch"
-        else ns + meta.b_axes.index(label[1])
-        if label[0] == "w"
-        else None
-        for label in target
-    ]
-    factor = jnp.transpose(factor, [p for p in positions if p is not None])
-    sizes = iter(factor.shape)
-    factor = factor.reshape([next(sizes) if p is not None else 1 for p in positions])
-    return (out * factor).astype(out.dtype)
-
-
-def _dora_norm(weight: Factored, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``||W + s·A@B||`` per output column, ``[*stack, *b]`` float32, without forming ``W + s·A@B``.
-
-    ``||V_j||² = ||W_j||² + 2s·(AᵀW ⊙ B)_j + s²·(Bᵀ AᵀA B)_jj``: one ``AᵀW``
-    product (``in·out·rank`` multiply-adds, as a LoRA forward of ``in``
-    tokens) and products of rank-sized matrices. Treated as a constant for
-    differentiation, as DoRA prescribes.
-    """
-    meta = weight.meta
-    ns = len(meta.stack)
-    w = jax.lax.stop_gradient(_dense(weight.w)).astype(jnp.float32)
-    a = jax.lax.stop_gradient(a).astype(jnp.float32)
-    b = jax.lax.stop_gradient(b).astype(jnp.float32)
-    stack = list(range(ns))
-    a_in = [ns + i for i in range(len(meta.a_axes))]
-    w_sq = jnp.square(_tree.column_norm(w, meta.stack, meta.a_axes, meta.b_axes))
-    # AᵀW: [*stack, r, *b] with the b axes in W's order, then in B's order.
-    atw = jax.lax.dot_general(a, w, ((a_in, list(meta.a_axes)), (stack, list(meta.stack))))
-    in_w_order = sorted(meta.b_axes)
-    atw = jnp.transpose(atw, [*range(ns + 1), *(ns + 1 + in_w_order.index(ax) for ax in meta.b_axes)])
-    cross = jnp.sum(atw * b, axis=ns)
-    gram = jax.lax.dot_general(a, a, ((a_in, a_in), (stack, stack)))  # [*stack, r, r]
-    b_flat = b.reshape(*b.shape[: ns + 1], -1)
-    gram_b = jax.lax.dot_general(gram, b_flat, (([ns + 1], [ns]), (stack, stack)))
-    ab_sq = jnp.sum(b_flat * gram_b, axis=ns).reshape(*b.shape[:ns], *b.shape[ns + 1 :])
-    s = meta.scale
-    return jnp.sqrt(jnp.maximum(w_sq + 2 * s * cross + s * s * ab_sq, 0.0))
-
-
-def _explicit_spec(x: Any) -> tuple | None:
-    """``x``'s partition spec, one entry per axis, if it lives on a mesh with explicit axes."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or getattr(mesh, "empty", True):
-        return None
-    if not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-        return None
-    spec = tuple(sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
-
-
-def _w_axis_of(f: Factored, of_a: bool) -> dict[int, int | None]:
-    """Map from a factor's axis position to W's axis (None for the rank axis)."""
-    m = f.meta
-    if of_a:
-        order = [*m.stack, *m.a_axes, None]
-    else:
-        order = [*m.stack, None, *m.b_axes]
-    return dict(enumerate(order))
+        return rhs.contract(interp, eqn, _dequantized(lhs), weight_is_lhs=False)
+    return lhs.contract(interp, eqn, _dequantized(rhs), weight_is_lhs=True)
 
 
 @_rule(prims.Role.CONV)
 def _conv(interp, eqn, invals):
     x, f = invals
-    if isinstance(x, Factored) or not isinstance(f, Factored) or f.magnitude is not None:
+    if not isinstance(f, Factored):
         return None
-    p = prims.params(eqn)
-    m = f.meta
-    out_dim, in_dim, *window = p["dimension_numbers"].rhs_spec
-    if m.stack or m.b_axes != (out_dim,) or set(m.a_axes) != {in_dim, *window}:
-        return None
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return None
-    base = _bind_dequantizing(eqn, [x, f.w])
-    a, b = f.a.astype(jnp.dtype(f.w.dtype)), f.b.astype(jnp.dtype(f.w.dtype))
-    # A as a kernel with W's axis order and `rank` output channels.
-    kernel = jnp.transpose(a, [a.ndim - 1 if i == out_dim else f.a_pos(i) for i in range(f.w.ndim)])
-    params = dict(p, preferred_element_type=None)
-    t = jax.lax.conv_general_dilated_p.bind(interp.dropout(x, m.dropout), kernel, **params)
-    t = t * jnp.asarray(m.scale, t.dtype)
-    channel = p["dimension_numbers"].out_spec[1]
-    u = jax.lax.dot_general(t, b, (((channel,), (0,)), ((), ())), precision=p.get("precision"))
-    u = jnp.moveaxis(u, -1, channel)
-    return base + u.astype(base.dtype)
+    x = interp.materialize(x, "a convolution with another adapted weight")
+    return f.conv(interp, eqn, _dequantized(x))
 
 
 @_rule(prims.Role.GATHER)
 def _gather(interp, eqn, invals):
     f, idx = invals
-    if isinstance(idx, Factored) or not isinstance(f, Factored) or f.magnitude is not None:
+    if not isinstance(f, Factored) or isinstance(idx, Factored):
         return None
-    p = prims.params(eqn)
-    dn = p["dimension_numbers"]
-    m = f.meta
-    rows = set(m.a_axes)
-    if m.stack or dn.operand_batching_dims or set(dn.collapsed_slice_dims) != rows or set(dn.start_index_map) != rows:
-        return None
-    if any(p["slice_sizes"][i] != (1 if i in rows else f.w.shape[i]) for i in range(f.w.ndim)):
-        return None
-    base = _Interpreter.bind(eqn, [_dense(f.w), idx])
-    a, b = f.a.astype(jnp.dtype(f.w.dtype)), f.b.astype(jnp.dtype(f.w.dtype))
-    batch_rank = base.ndim - len(m.b_axes)
-    a_dn = jax.lax.GatherDimensionNumbers(
-        offset_dims=(batch_rank,),
-        collapsed_slice_dims=tuple(sorted(f.a_pos(i) for i in m.a_axes)),
-        start_index_map=tuple(f.a_pos(i) for i in dn.start_index_map),
-    )
-    a_rows = jax.lax.gather(
-        a,
-        idx,
-        a_dn,
-        (*([1] * len(m.a_axes)), a.shape[-1]),
-        indices_are_sorted=p["indices_are_sorted"],
-        unique_indices=p["unique_indices"],
-        mode=p["mode"],
-        fill_value=p["fill_value"],
-    )
-    a_rows = a_rows * jnp.asarray(m.scale, a_rows.dtype)
-    u = jax.lax.dot_general(a_rows, b, (((batch_rank,), (0,)), ((), ())))  # [*batch, *b_axes]
-    # W's kept axes appear at offset_dims in increasing W order; batch dims fill the rest.
-    b_sorted = [batch_rank + m.b_axes.index(ax) for ax in sorted(m.b_axes)]
-    offsets = sorted(dn.offset_dims)
-    batch_iter = iter(range(batch_rank))
-    perm = [b_sorted[offsets.index(i)] if i in offsets else next(batch_iter) for i in range(base.ndim)]
-    return base + jnp.transpose(u, perm).astype(base.dtype)
+    return f.gather(interp, eqn, idx)
 
 
 # -- higher-order primitives ----------------------------------------------------------------
@@ -723,22 +351,10 @@ def _sliceable(interp: _Interpreter, x: Any) -> Any:
     """
     if not isinstance(x, Factored):
         return x
-    m = x.meta
-    if 0 not in m.stack:
+    one_layer = x.scan_slice()
+    if one_layer is None:
         return interp.materialize(x, "a scan over one of its unstacked axes")
-    a = jnp.moveaxis(x.a, x.a_pos(0), 0)
-    b = jnp.moveaxis(x.b, x.b_pos(0), 0)
-    magnitude = None if x.magnitude is None else jnp.moveaxis(x.magnitude, x.a_pos(0), 0)
-    rest = [s for s in m.stack if s != 0]
-    return Factored(
-        x.w,
-        a,
-        b,
-        dataclasses.replace(
-            m, stack=_renumber(rest, [0]), a_axes=_renumber(m.a_axes, [0]), b_axes=_renumber(m.b_axes, [0])
-        ),
-        magnitude,
-    )
+    return one_layer
 
 
 @_rule(prims.Role.WHILE)
@@ -945,8 +561,7 @@ def wrap(apply_fn: Callable[..., Any], *, strict: bool = False, cache_size: int 
             if f is None:
                 values.append(leaf)
             else:
-                meta = _Meta(f.scale, f.stack_axes, f.a_axes, f.b_axes, path, f.dropout)
-                values.append(Factored(leaf, f.lora_a, f.lora_b, meta, f.magnitude))
+                values.append(_adapted.adapted(leaf, f, path))
         return run(values, dyn_leaves, lora_dropout_key)
 
     return wrapped

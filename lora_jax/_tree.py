@@ -89,11 +89,11 @@ def add_delta(w, a, b, scale, stack, a_axes, b_axes, *, sign: float = 1.0) -> ja
 
 
 def _fold(w: jax.Array, f: LoraFactors, sign: float) -> jax.Array:
+    from lora_jax._adapted import kind_of  # the update kinds are built on this module's formulas
+
     if isinstance(w, QuantizedArray):
         w = w.dequantize()
-    if f.magnitude is not None:
-        return dora_weight(w, f.lora_a, f.lora_b, f.scale, f.stack_axes, f.a_axes, f.b_axes, f.magnitude)
-    return add_delta(w, f.lora_a, f.lora_b, f.scale, f.stack_axes, f.a_axes, f.b_axes, sign=sign)
+    return kind_of(f).merge(w, f, sign)
 
 
 def column_norm(w: jax.Array, stack, a_axes, b_axes) -> jax.Array:

@@ -178,3 +178,48 @@ def test_a_use_that_does_not_contract_the_input_axes_is_formed_in_full_with_a_wa
     with pytest.warns(lora.MaterializationWarning, match="'dot_general'"):
         out = lora.wrap(fn_t)(frozen, adapters, X)
     np.testing.assert_allclose(out, fn_t(lora.merge(frozen, adapters), X), rtol=1e-5, atol=1e-5)
+
+
+def _dora_pair(params, targets, trace, seed=11):
+    spec = lora.LoraSpec(rank=2, targets=targets, use_dora=True)
+    frozen, adapters = lora.split(params, spec, key=K[4], trace=trace)
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return frozen, treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("use", ["embedding", "conv", "reshape"])
+def test_dora_stays_factored_through_an_embedding_a_conv_and_a_reshape(use):
+    """The per-column scale commutes with a row lookup, a conv kernel's output channels and a regrouping of W's
+    output axes, so each stays factored (strict) and equals the merged DoRA weight."""
+    if use == "embedding":
+        params = {"w": jax.random.normal(K[1], (10, 6))}
+        x = jnp.array([[1, 4, 4, 9], [0, 2, 7, 3]])
+        f = lambda p, i: jnp.tanh(p["w"][i])  # noqa: E731
+    elif use == "conv":
+        params = {"w": jax.random.normal(K[1], (3, 3, 4, 5)) * 0.3}
+        x = jax.random.normal(K[2], (2, 7, 7, 4))
+        f = lambda p, x: jax.lax.conv_general_dilated(
+            x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )  # noqa: E731, E501
+    else:
+        params = {"w": jax.random.normal(K[1], (6, 2, 3))}
+        x = X
+        f = lambda p, x: x @ p["w"].reshape(6, 6)  # noqa: E731  merges W's two output axes
+    frozen, adapters = _dora_pair(params, "w", lambda p: f(p, x))
+    got = lora.wrap(f, strict=True)(frozen, adapters, x)
+    np.testing.assert_allclose(got, f(lora.merge(frozen, adapters), x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, f(frozen, x), atol=1e-3)  # the adapter changes the output
+
+
+def test_dora_over_a_quantised_base_equals_merge_of_the_dequantised_base():
+    """DoRA and a quantised frozen part are independent choices: QDoRA needs no code of its own."""
+    params = {"w": jax.random.normal(K[1], (64, 32)) * 0.1}
+    frozen, adapters = _dora_pair(params, "w", lambda p: X[:, :1] @ jnp.ones((1, 64)) @ p["w"])
+    quantized = lora.quantize(frozen, "nf4", block_size=32, min_size=0)
+    x = jax.random.normal(K[2], (5, 64))
+    f = lambda p, x: jnp.tanh(x @ p["w"])  # noqa: E731
+    got = lora.wrap(f, strict=True)(quantized, adapters, x)
+    want = f(lora.merge(lora.dequantize_tree(quantized), adapters), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, f(lora.merge(frozen, adapters), x), atol=1e-4)  # the base really is quantised

@@ -95,3 +95,70 @@ def test_compiled_step_holds_the_base_in_nf4():
     # again rather than keeping the forward pass's copies: no bf16 copy of the stack appears.
     print(f"\ntemporaries: bf16 base {bf16.temp_size_in_bytes}, NF4 base {nf4.temp_size_in_bytes}")
     assert nf4.temp_size_in_bytes <= bf16.temp_size_in_bytes + proj_bytes / config.num_hidden_layers
+
+
+def _float_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every floating-point value a jaxpr (and each jaxpr inside it) computes."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _float_shapes(inner)
+    return shapes
+
+
+def test_a_python_loop_over_a_quantised_stack_dequantises_one_layer_at_a_time():
+    """``w[i]`` of a quantised ``[L, d, d]`` stack (a slice and a squeeze of a leading axis) stays quantised, so
+    only that layer is ever dequantised, whether the stack is adapted or only frozen."""
+    layers, d = 4, 128
+    k = jax.random.split(jax.random.key(3), 3)
+    params = {"w": jax.random.normal(k[0], (layers, d, d)) / 11, "v": jax.random.normal(k[1], (layers, d, d)) / 11}
+    x = jax.random.normal(k[2], (4, d))
+
+    def f(p, x):
+        for i in range(layers):
+            x = jnp.tanh(x @ p["w"][i]) + jnp.tanh(x @ p["v"][i])
+        return jnp.sum(x**2)
+
+    spec = lora.LoraSpec(rank=4, targets="w")
+    frozen, adapters = lora.split(params, spec, key=jax.random.key(4), trace=lambda p: f(p, x))
+    adapters = jax.tree.map(lambda a: a + 0.05, adapters)
+    quantized = lora.quantize(frozen, "nf4", block_size=64)
+    wrapped = lora.wrap(f, strict=True)
+    got = jax.grad(wrapped, argnums=1)(quantized, adapters, x)
+    want = jax.grad(lambda a: f(lora.merge(lora.dequantize_tree(quantized), a), x))(adapters)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=3e-4)
+    shapes = _float_shapes(jax.make_jaxpr(jax.grad(wrapped, argnums=1))(quantized, adapters, x).jaxpr)
+    assert (d, d) in shapes  # one layer, dequantised where it is used
+    assert (layers, d, d) not in shapes
+
+
+@pytest.mark.parametrize(
+    "name, op",
+    [
+        ("cast", lambda w: w.astype(jnp.bfloat16)),
+        ("transpose", lambda w: jnp.transpose(w, (1, 0, 2))),
+        ("reshape", lambda w: w.reshape(6, 64)),
+        ("slice", lambda w: w[:, 1:]),
+        ("squeeze", lambda w: w[1]),
+        ("dynamic_slice", lambda w: jax.lax.dynamic_slice(w, (0, 1, 0), (2, 2, 64))),
+    ],
+)
+def test_relayouts_that_leave_the_blocks_alone_keep_the_weight_quantised(name, op):
+    """The quantised frozen kind applies a re-layout of leading axes to the codes; the result dequantises to the
+    re-laid-out dequantised weight."""
+    from lora_jax import _adapted
+
+    q = lora.quantize({"w": jax.random.normal(jax.random.key(5), (2, 3, 64))}, "nf4", block_size=32, min_size=0)["w"]
+    dense = q.dequantize()
+    jaxpr = jax.make_jaxpr(op)(dense).jaxpr
+    value = q
+    for eqn in jaxpr.eqns:  # e.g. a slice then a squeeze
+        invals = [value] + [v.val if hasattr(v, "val") else None for v in eqn.invars[1:]]
+        value = _adapted.QUANTIZED.relayout(eqn, invals)
+        assert isinstance(value, lora.QuantizedArray), (name, eqn.primitive.name)
+    np.testing.assert_array_equal(value.dequantize(), op(dense))
