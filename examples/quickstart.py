@@ -72,7 +72,7 @@ def main(argv=None):
     u = jax.random.normal(keys[1], (256, 2)) * 0.15
     v = jax.random.normal(keys[2], (2, 256)) * 0.15
     shifted = jax.tree_util.tree_map_with_path(
-        lambda path, w: w + u @ v if "Dense_1" in jax.tree_util.keystr(path) and w.ndim == 2 else w, base
+        lambda path, w: w + u @ v if "Dense_1" in lora.path_to_str(path) and w.ndim == 2 else w, base
     )
     x_new, y_new = make_task(keys[3], shifted, model)
 

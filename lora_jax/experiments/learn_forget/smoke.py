@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax import path_to_str
 from lora_jax.models import LlamaConfig, LlamaForCausalLM
 
 __all__ = ["ByteTokenizer", "tiny_model"]
@@ -61,6 +62,6 @@ def tiny_model(seed: int = 0) -> tuple[LlamaConfig, Any]:
     # At the init std of 0.02 the tied embedding gives nearly flat logits that only the embedding itself
     # (frozen under LoRA) could sharpen; a larger one lets the adapted layers move the loss too.
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * 5.0 if "embed_tokens" in jax.tree_util.keystr(path) else x, params
+        lambda path, x: x * 5.0 if "embed_tokens" in path_to_str(path) else x, params
     )
     return config, params
