@@ -29,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from lora_jax import _spec, _tree
+from lora_jax._quantize import QuantizedArray
 from lora_jax._spec import LoraSpec
 from lora_jax._tree import LoraFactors
 
@@ -40,6 +41,11 @@ ShardingLike = NamedSharding | PartitionSpec | SingleDeviceSharding | None
 
 def _is_sharding_leaf(x: Any) -> bool:
     return x is None or isinstance(x, (Sharding, PartitionSpec))
+
+
+def _is_param_leaf(x: Any) -> bool:
+    """A leaf of a params (or params shardings) tree: a `QuantizedArray` stands for its whole weight."""
+    return _is_sharding_leaf(x) or isinstance(x, QuantizedArray)
 
 
 def _sharding_leaves(tree: PyTree) -> list:
@@ -98,6 +104,10 @@ def factor_specs(w_spec: PartitionSpec, factors: LoraFactors) -> tuple[Partition
 
 def _sharding_of(path: str, x: Any) -> ShardingLike:
     """A leaf of ``param_shardings``: a sharding, a spec, None, or an array carrying one."""
+    if isinstance(x, QuantizedArray):
+        # The codes have the weight's axes one for one (the last one packed), so
+        # the weight's layout is theirs.
+        return _sharding_of(path, x.codes)
     if _is_sharding_leaf(x):
         return x
     sharding = getattr(x, "sharding", None)
@@ -128,7 +138,9 @@ def adapter_shardings(param_shardings: PyTree, adapters: PyTree, *, mesh: Mesh |
       param_shardings: a tree with the structure of the params (or of
         ``frozen``) whose leaves are `NamedSharding`\\ s, `PartitionSpec`\\ s,
         ``None`` (replicated), or arrays whose ``.sharding`` is used (so the
-        sharded params themselves can be passed).
+        sharded params themselves can be passed). A quantised weight
+        (`lora_jax.QuantizedArray`, placed or from `shardings_from_rules`)
+        counts as sharded like its ``codes``.
       adapters: the adapter tree from `lora_jax.split`, concrete or abstract
         (``jax.eval_shape`` of the split).
       mesh: the mesh for `PartitionSpec` leaves. When given, every returned
@@ -159,7 +171,7 @@ def adapter_shardings(param_shardings: PyTree, adapters: PyTree, *, mesh: Mesh |
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"adapter_shardings: `mesh` must be a jax.sharding.Mesh or None; got {type(mesh).__name__}.")
     _tree.adapter_entries(adapters)  # a clear TypeError for anything but an adapter tree
-    flat, _ = _tree._flatten(param_shardings, is_leaf=_is_sharding_leaf)
+    flat, _ = _tree._flatten(param_shardings, is_leaf=_is_param_leaf)
     by_path = {path: _sharding_of(path, x) for path, _, x in flat}
     mesh = mesh if mesh is not None else _find_mesh(by_path)
 
@@ -283,8 +295,17 @@ def shardings_from_rules(
 ) -> PyTree:
     """`NamedSharding`\\ s for a params tree from ``{regex: PartitionSpec}`` rules.
 
+    A `lora_jax.QuantizedArray` (a QLoRA base from `lora_jax.quantize`) is
+    matched as one weight, by its path and its (dequantised) shape, and gets a
+    `QuantizedArray` of `NamedSharding`\\ s, for `jax.device_put` and
+    ``jax.jit``: ``codes`` and ``absmax`` take the weight's spec (their axes
+    are the weight's, the last one counting packed codes or blocks), and the
+    double-quantisation statistics, one value per 256 blocks, take it with
+    their last axis replicated.
+
     Args:
-      params: the params (arrays or `jax.ShapeDtypeStruct`\\ s).
+      params: the params (arrays or `jax.ShapeDtypeStruct`\\ s, some of them
+        possibly `lora_jax.QuantizedArray`\\ s).
       rules: ``{regex: PartitionSpec}``, each regex matched with
         ``re.fullmatch`` against a leaf's ``/``-joined path, first match
         wins; or a callable ``(path, leaf) -> PartitionSpec | None``.
@@ -292,11 +313,13 @@ def shardings_from_rules(
       default: the spec of leaves no rule matches (replicated by default).
 
     Returns:
-      A tree with the structure of ``params`` holding a `NamedSharding` per leaf.
+      A tree with the structure of ``params`` holding a `NamedSharding` per
+      leaf (a `QuantizedArray` of them per quantised weight).
 
     Raises:
       ValueError: a rule's spec names an axis that is not in ``mesh``, or
-        does not divide the dimension it shards.
+        does not divide the dimension it shards, or splits a quantised
+        weight's last axis inside a quantisation block.
 
     >>> import jax, jax.numpy as jnp
     >>> from jax.sharding import PartitionSpec as P
@@ -313,11 +336,11 @@ def shardings_from_rules(
     else:
         rule_fn = rules
 
-    def one(keypath: tuple, leaf: Any) -> NamedSharding:
+    def one(keypath: tuple, leaf: Any) -> NamedSharding | QuantizedArray:
         path = _spec.path_to_str(keypath)
         spec = rule_fn(path, leaf)
         spec = default if spec is None else spec
-        shape = tuple(np.shape(leaf))
+        shape = tuple(leaf.shape) if isinstance(leaf, QuantizedArray) else tuple(np.shape(leaf))
         if len(spec) > len(shape):
             raise ValueError(
                 f"shardings_from_rules: {path!r} has shape {shape} but its spec {spec} has {len(spec)} entries."
@@ -336,9 +359,30 @@ def shardings_from_rules(
                     f"shardings_from_rules: {path!r} has shape {shape}; its spec {spec} splits a dimension of "
                     f"{dim} into {size} shards, which does not divide it. Change the rule or the mesh."
                 )
+        if isinstance(leaf, QuantizedArray):
+            return _quantized_shardings(path, leaf, spec, mesh)
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+def _quantized_shardings(path: str, q: QuantizedArray, spec: PartitionSpec, mesh: Mesh) -> QuantizedArray:
+    """A `QuantizedArray` of `NamedSharding`\\ s for a quantised weight sharded as ``spec``."""
+    entries = tuple(spec) + (None,) * (q.ndim - len(spec))
+    last = entries[-1]
+    names = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+    size = int(np.prod([mesh.shape[a] for a in names]))
+    blocks = q.absmax.shape[-1]
+    if blocks % size:
+        raise ValueError(
+            f"shardings_from_rules: {path!r} is quantised with block_size={q.block_size} (shape {q.shape}, "
+            f"{blocks} blocks per row); its spec {spec} splits the last axis into {size} shards, which would cut "
+            f"quantisation blocks. Shard another axis, or quantise with a block_size that divides "
+            f"{q.shape[-1] // size}."
+        )
+    full = NamedSharding(mesh, PartitionSpec(*entries))
+    stats = NamedSharding(mesh, PartitionSpec(*entries[:-1], None)) if q.double_quant else None
+    return dataclasses.replace(q, codes=full, absmax=full, absmax_scale=stats, absmax_mean=stats)
 
 
 def _key_to_host(key: jax.Array) -> tuple[np.ndarray, Any]:
