@@ -20,15 +20,15 @@ QLoRA is a `LowRank` over a quantised frozen part, and a DoRA update over a
 quantised base needs nothing more. An update kind is a subclass of
 `Factored` and implements:
 
-==========================  =====================================================
-``transpose`` ``reshape``    follow a re-layout of ``W`` (the axis groups, and the
-``map_stack``               factors: slicing, squeezing or scanning the stack)
-``contract``                ``dot_general`` with an activation
-``conv`` ``gather``         a convolution kernel; an embedding table
-``finish``                  the kind's last step on the output of a use
-``full``                    the adapted weight formed in full (the fallback)
-``merge``                   the same for `lora_jax.merge`, from `LoraFactors`
-==========================  =====================================================
+=============================  ==================================================
+``transpose`` ``reshape``      follow a re-layout of ``W`` (the axis groups, and
+``map_stack`` ``take_layers``  the factors: slice, squeeze, scan or gather a stack)
+``contract``                   ``dot_general`` with an activation
+``conv`` ``gather``            a convolution kernel; an embedding table
+``finish``                     the kind's last step on the output of a use
+``full``                       the adapted weight formed in full (the fallback)
+``merge``                      the same for `lora_jax.merge`, from `LoraFactors`
+=============================  ==================================================
 
 A method returns ``None`` for a use it cannot keep factored; the interpreter
 then forms the weight in full, warns, and goes on.
@@ -322,6 +322,60 @@ class Factored:
             b_axes=_renumber(m.b_axes, [0]),
         )
 
+    def take_layers(self, eqn: prims.JaxprEqn, idx: Any) -> Factored | None:
+        """``W[idx]`` for a ``gather`` that picks whole layers (experts): the same gather of every factor.
+
+        A mixture of experts that indexes its expert weights per token,
+        ``w[experts]``, gives each token its experts' ``[in, out]`` matrices;
+        gathering ``A`` and ``B`` alike keeps one adapter per expert, and the
+        gathered axes become the result's stack axes, used by the matmul that
+        follows. The base gather is the model's own.
+        """
+        if isinstance(idx, Factored):
+            return None
+        p = prims.params(eqn)
+        dn = p["dimension_numbers"]
+        m = self.meta
+        stack = set(m.stack)
+        if not stack or dn.operand_batching_dims or set(dn.collapsed_slice_dims) != stack:
+            return None
+        if set(dn.start_index_map) != stack:
+            return None
+        if any(p["slice_sizes"][i] != (1 if i in stack else self.w.shape[i]) for i in range(self.w.ndim)):
+            return None
+        w = self.frozen.bind(eqn, [self.w, idx])
+        offsets = sorted(dn.offset_dims)
+        kept = [i for i in range(self.w.ndim) if i not in stack]  # W's axes at the offset dims, in order
+        out_of_w = dict(zip(kept, offsets))
+        picked = [i for i in range(w.ndim) if i not in offsets]  # the index's batch axes: one per pick
+
+        def take(x, pos_of):
+            rest = x.ndim - len(m.stack)
+            numbers = jax.lax.GatherDimensionNumbers(
+                offset_dims=tuple(range(len(picked), len(picked) + rest)),
+                collapsed_slice_dims=tuple(range(len(m.stack))),
+                start_index_map=tuple(pos_of(ax) for ax in dn.start_index_map),
+            )
+            sizes = (*([1] * len(m.stack)), *x.shape[len(m.stack) :])
+            return jax.lax.gather(
+                x,
+                idx,
+                numbers,
+                sizes,
+                indices_are_sorted=p["indices_are_sorted"],
+                unique_indices=p["unique_indices"],
+                mode=p["mode"],
+                fill_value=p["fill_value"],
+            )
+
+        return self.map_stack(
+            w,
+            take,
+            stack=tuple(picked),
+            a_axes=tuple(out_of_w[ax] for ax in m.a_axes),
+            b_axes=tuple(out_of_w[ax] for ax in m.b_axes),
+        )
+
     # -- uses --
     def contract(self, interp: Any, eqn: prims.JaxprEqn, act: Any, weight_is_lhs: bool) -> Any:
         """The ``dot_general`` ``eqn`` of ``act`` with this weight, or None."""
@@ -379,13 +433,20 @@ class LowRank(Factored):
         """``act · W`` as ``act · W + s·(act · A) · B`` for any dimension numbers.
 
         The activation's contracted axes meet ``W``'s, and ``W``'s axes
-        belong to three groups: ``stack`` (per-layer, must be the dot's batch
-        axes), ``a`` (carried by ``A``) and ``b`` (carried by ``B``). The
+        belong to three groups: ``stack`` (layers or experts, carried by both
+        factors), ``a`` (carried by ``A``) and ``b`` (carried by ``B``). The
         low-rank path contracts the activation first with the *inner* factor,
         the one that holds the contracted axes, giving ``low`` with a rank
         axis, then contracts ``low`` with the *outer* factor over the rank
         (and any remaining contracted axes), and finally transposes ``up``
         into the order ``dot_general`` gives the base product.
+
+        A stack axis pairs ``A``'s and ``B``'s slices, so it is a batch axis
+        of both products wherever the base product uses it: a batch axis of
+        the dot (a scanned layer, an expert buffer), a free axis (every
+        expert applied to the same tokens: batch in the second product only)
+        or a contracted one (a sum over experts: batch in the first product,
+        contracted with the rank in the second).
 
         Worked example: ``jnp.einsum("bsd,dhk->bshk", x, W)``, a
         ``DenseGeneral`` query projection, ``W`` ``[d, h, k]`` with
@@ -411,8 +472,8 @@ class LowRank(Factored):
         else:
             w_contract, w_batch, x_contract, x_batch = rhs_contract, rhs_batch, lhs_contract, lhs_batch
         meta = self.meta
-        if set(w_batch) != set(meta.stack):
-            return None  # contracting or broadcasting over a stacked axis: not a per-layer matmul
+        if not set(w_batch) <= set(meta.stack):
+            return None  # a batch axis that is not a layer axis: W's slices are not independent weights
         if not self.contracts_ok(w_contract):
             return None
         w_dtype = jnp.dtype(self.w.dtype)
@@ -420,8 +481,11 @@ class LowRank(Factored):
         precision = p.get("precision")
         pref = p.get("preferred_element_type")
         a, b = self.a.astype(w_dtype), self.b.astype(w_dtype)
-        pairs_a = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.a_axes]
-        pairs_b = [(act_axis, w_axis) for act_axis, w_axis in zip(x_contract, w_contract) if w_axis in meta.b_axes]
+        pairs = list(zip(x_contract, w_contract))
+        pairs_a = [(act_axis, w_axis) for act_axis, w_axis in pairs if w_axis in meta.a_axes]
+        pairs_b = [(act_axis, w_axis) for act_axis, w_axis in pairs if w_axis in meta.b_axes]
+        summed = [(act_axis, w_axis) for act_axis, w_axis in pairs if w_axis in meta.stack]  # a sum over layers
+        free_stack = [s for s in meta.stack if s not in w_batch and s not in w_contract]
         # Contract the activation first with the factor that holds its contracted axes, so the
         # intermediate is [..., rank] rather than an outer product.
         if pairs_a or not pairs_b:
@@ -433,7 +497,7 @@ class LowRank(Factored):
                 self.b_pos,
                 pairs_b,
             )
-            inner_rank, outer_rank = a.ndim - 1, len(meta.stack)
+            outer_rank = len(meta.stack)
         else:
             inner, inner_pos, inner_pairs, outer, outer_pos, outer_pairs = (
                 b,
@@ -443,55 +507,63 @@ class LowRank(Factored):
                 self.a_pos,
                 pairs_a,
             )
-            inner_rank, outer_rank = len(meta.stack), a.ndim - 1
-        n_batch = len(x_batch)
+            outer_rank = a.ndim - 1
+        n_batch, n_summed = len(x_batch), len(summed)
+        # First product: the dot's batch axes and the summed stack axes are batch axes.
+        lead_x = [*x_batch, *(act_axis for act_axis, _ in summed)]
+        lead_w = [*w_batch, *(w_axis for _, w_axis in summed)]
         inner_dims = (
             ([act_axis for act_axis, _ in inner_pairs], [inner_pos(w_axis) for _, w_axis in inner_pairs]),
-            (list(x_batch), [inner_pos(w) for w in w_batch]),
+            (lead_x, [inner_pos(w) for w in lead_w]),
         )
-        x_free = [i for i in range(act.ndim) if i not in x_batch and i not in [act_axis for act_axis, _ in inner_pairs]]
-        inner_used = {inner_pos(w_axis) for _, w_axis in inner_pairs} | {inner_pos(w) for w in w_batch}
+        x_free = [i for i in range(act.ndim) if i not in lead_x and i not in [act_axis for act_axis, _ in inner_pairs]]
+        inner_used = {inner_pos(w_axis) for _, w_axis in inner_pairs} | {inner_pos(w) for w in lead_w}
         inner_free = [i for i in range(inner.ndim) if i not in inner_used]
         x_spec = _explicit_spec(act)
         # With explicit mesh axes JAX asks for the output sharding of a contraction
         # over sharded axes: keep act's sharding on its free axes, replicate the rest.
         low_sharding = (
-            None if x_spec is None else P(*[x_spec[i] for i in (*x_batch, *x_free)], *[None] * len(inner_free))
+            None if x_spec is None else P(*[x_spec[i] for i in (*lead_x, *x_free)], *[None] * len(inner_free))
         )
         low = jax.lax.dot_general(
             interp.dropout(act, meta.dropout), inner, inner_dims, precision=precision, out_sharding=low_sharding
         )
-        low_pos_of_x = {act_axis: n_batch + k for k, act_axis in enumerate(x_free)}
-        low_rank = n_batch + len(x_free) + inner_free.index(inner_rank)
         low = low * jnp.asarray(meta.scale, low.dtype)
+        # low: [*lead, *x_free, *inner_free]; where each activation axis and each W axis (None: rank) sits.
+        low_pos_of_x = {act_axis: len(lead_x) + k for k, act_axis in enumerate(x_free)}
+        w_axis_of_inner = self.w_axis_of(inner is a)
+        low_pos_of_w = {w_axis_of_inner[i]: len(lead_x) + len(x_free) + k for k, i in enumerate(inner_free)}
+        # Second product: the rank, the outer factor's contracted axes and the summed stack axes are
+        # contracted; the dot's batch axes and the free stack axes are batch axes.
         outer_dims = (
             (
-                [low_pos_of_x[act_axis] for act_axis, _ in outer_pairs] + [low_rank],
-                [outer_pos(w_axis) for _, w_axis in outer_pairs] + [outer_rank],
+                [low_pos_of_x[act_axis] for act_axis, _ in outer_pairs]
+                + [n_batch + k for k in range(n_summed)]
+                + [low_pos_of_w[None]],
+                [outer_pos(w_axis) for _, w_axis in outer_pairs]
+                + [outer_pos(w_axis) for _, w_axis in summed]
+                + [outer_rank],
             ),
-            (list(range(n_batch)), [outer_pos(w) for w in w_batch]),
+            (
+                list(range(n_batch)) + [low_pos_of_w[s] for s in free_stack],
+                [outer_pos(w) for w in w_batch] + [outer_pos(s) for s in free_stack],
+            ),
         )
         # Label up's axes, then put them in dot_general's output order.
-        w_axis_of_inner = self.w_axis_of(inner is a)
+        labels = [("batch", k) for k in range(n_batch)] + [("w", s) for s in free_stack]
+        labels += [("act", i) for i in x_free if i not in [act_axis for act_axis, _ in outer_pairs]]
+        labels += [("w", w_axis_of_inner[i]) for i in inner_free if w_axis_of_inner[i] not in (None, *free_stack)]
+        (_, outer_contract), (_, outer_batch) = outer_dims
         w_axis_of_outer = self.w_axis_of(inner is not a)
-        low_free_labels = [("act", act_axis) for act_axis in x_free] + [
-            ("w", w_axis_of_inner[i]) for i in inner_free if i != inner_rank
-        ]
-        labels = [("batch", k) for k in range(n_batch)]
         labels += [
-            label
-            for label in low_free_labels
-            if label[0] == "act" and label[1] not in [act_axis for act_axis, _ in outer_pairs]
+            ("w", w_axis_of_outer[i]) for i in range(outer.ndim) if i not in outer_contract and i not in outer_batch
         ]
-        labels += [label for label in low_free_labels if label[0] == "w"]
-        outer_used = {outer_pos(w_axis) for _, w_axis in outer_pairs} | {outer_pos(w) for w in w_batch} | {outer_rank}
-        labels += [("w", w_axis_of_outer[i]) for i in range(outer.ndim) if i not in outer_used]
         x_out = [("act", i) for i in range(act.ndim) if i not in x_batch and i not in x_contract]
         w_out = [("w", i) for i in range(self.w.ndim) if i not in w_batch and i not in w_contract]
         target = [("batch", k) for k in range(n_batch)] + (w_out + x_out if weight_is_lhs else x_out + w_out)
         base_spec = _explicit_spec(base)
         up_sharding = None if base_spec is None else P(*[base_spec[target.index(label)] for label in labels])
-        if n_batch == 0 and up_sharding is None and interp.remat_depth:
+        if not outer_batch and up_sharding is None and interp.remat_depth:
             # Inside a remat body, a unit batch axis (which XLA drops) keeps a "dots" policy
             # (dots_with_no_batch_dims_saveable) from saving this [tokens, out] product next to the base
             # one: it is cheap to recompute from `low`. Outside remat nothing is saved by policy.
@@ -602,8 +674,8 @@ class Dora(LowRank):
         return _tree.dora_weight(w, f.lora_a, f.lora_b, f.scale, f.stack_axes, f.a_axes, f.b_axes, f.magnitude)
 
     def contracts_ok(self, w_contract):
-        # Summing over an output column would mix columns of different scales.
-        return not set(w_contract) & set(self.meta.b_axes)
+        # Summing over output columns, or over layers, would mix columns of different scales.
+        return not set(w_contract) & {*self.meta.b_axes, *self.meta.stack}
 
     def finish(self, out, out_w_axes):
         meta = self.meta

@@ -221,8 +221,19 @@ def _gather(eqn, in_tags, env, uses):
     dn = prims.param(eqn, "dimension_numbers")
     if dn.operand_batching_dims:
         uses[leaf].other.add("batched gather")
-    else:
-        uses[leaf].gathers.append(_leaf_axes(axes, dn.collapsed_slice_dims))
+        return
+    picked = _leaf_axes(axes, dn.collapsed_slice_dims)
+    uses[leaf].gathers.append(picked)
+    shape, sizes = eqn.invars[0].aval.shape, prims.param(eqn, "slice_sizes")
+    kept = [i for i in range(len(shape)) if i not in dn.collapsed_slice_dims]
+    if len(kept) >= 2 and all(sizes[i] == shape[i] for i in kept):
+        # Whole matrices picked by index (a mixture of experts' `w[experts]`): the result is still a weight,
+        # one per pick, so follow it. Its index axes stand for the picked axes; a rows lookup (an embedding,
+        # one vector per pick) ends here.
+        out_ndim = len(eqn.outvars[0].aval.shape)
+        offsets = sorted(dn.offset_dims)
+        out_axes = [axes[kept[offsets.index(i)]] if i in offsets else picked for i in range(out_ndim)]
+        env[eqn.outvars[0]] = (leaf, tuple(out_axes))
 
 
 _HANDLERS = {
@@ -259,8 +270,8 @@ def layout_from_uses(uses: Uses, ndim: int) -> tuple[Layout | None, str]:
     stack = set(uses.sliced)
     for _, batch in uses.dots:
         stack.update(batch)
-    if uses.gathers:
-        a = set(uses.gathers[0])
+    if uses.gathers and not set(uses.gathers[0]) <= stack:
+        a = set(uses.gathers[0])  # rows looked up: the input side, as for an embedding
     elif uses.convs:
         a = set(uses.convs[0][1])
     elif uses.dots:

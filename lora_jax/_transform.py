@@ -10,7 +10,9 @@ factored; the ones that consume a weight apply both parts:
   and the upstream gradient, never a full-size gradient of ``W``;
 * ``conv_general_dilated``: ``A`` as a conv to ``rank`` channels, ``B`` as a
   1x1 projection;
-* ``gather`` (an embedding lookup): gather rows of ``A``, then ``@ B``.
+* ``gather`` (an embedding lookup): gather rows of ``A``, then ``@ B``; a
+  gather of whole matrices (a mixture of experts' ``w[experts]``) gathers
+  ``W``, ``A`` and ``B`` alike and stays factored.
 
 What each adapted weight does in those uses is up to its kind (LoRA, DoRA;
 a dense or a quantised frozen part): see `lora_jax._adapted`. This module
@@ -289,7 +291,8 @@ def _gather(interp, eqn, invals):
     f, idx = invals
     if not isinstance(f, Factored) or isinstance(idx, Factored):
         return None
-    return f.gather(interp, eqn, idx)
+    out = f.gather(interp, eqn, idx)  # rows of a table: an embedding lookup
+    return out if out is not None else f.take_layers(eqn, idx)  # whole layers: experts picked per token
 
 
 # -- higher-order primitives ----------------------------------------------------------------

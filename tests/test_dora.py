@@ -223,3 +223,16 @@ def test_dora_over_a_quantised_base_equals_merge_of_the_dequantised_base():
     want = f(lora.merge(lora.dequantize_tree(quantized), adapters), x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, f(lora.merge(frozen, adapters), x), atol=1e-4)  # the base really is quantised
+
+
+def test_dora_per_expert_with_experts_picked_per_token():
+    """``w[experts]`` then a per-token matmul: one DoRA adapter (and magnitude) per expert, factored."""
+    params = {"w": jax.random.normal(K[1], (4, 6, 5))}
+    experts = jnp.array([[0, 3], [1, 1], [2, 0], [3, 2], [0, 1]])
+    x = jax.random.normal(K[2], (5, 6))
+    f = lambda p, x: jnp.einsum("td,tkdf->tkf", x, p["w"][experts])  # noqa: E731
+    frozen, adapters = _dora_pair(params, "w", lambda p: f(p, x))
+    assert adapters["w"].magnitude.shape == (4, 5) and adapters["w"].lora_a.shape == (4, 6, 2)
+    got = lora.wrap(f, strict=True)(frozen, adapters, x)
+    np.testing.assert_allclose(got, f(lora.merge(frozen, adapters), x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, f(frozen, x), atol=1e-3)
