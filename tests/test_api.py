@@ -11,6 +11,7 @@ MODULES = [
     "lora_jax._tree",
     "lora_jax._trace",
     "lora_jax._transform",
+    "lora_jax._adapted",
     "lora_jax._primitives",
     "lora_jax.losses",
     "lora_jax.optim",
