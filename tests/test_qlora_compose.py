@@ -20,9 +20,7 @@ import dataclasses
 import functools
 import json
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +34,7 @@ import lora_jax as lora
 from lora_jax import sharding as ls
 from lora_jax.models import LlamaConfig, LlamaForCausalLM
 from lora_jax.serving import stack_adapters, wrap_many
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests._subprocess import run_json_module
 
 # A small MLP with a scanned stack and a head, sized so that no activation shares a shape with a
 # frozen weight, its NF4/int8 codes, a per-device shard of them or one layer of the stack (nor their
@@ -340,18 +337,7 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def sharded_run():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_qlora_compose"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_json_module("tests.test_qlora_compose")
 
 
 SHARDED = pytest.mark.parametrize("case", [f"{fmt}-{dq}" for fmt, dq, _ in SHARDED_FORMATS], ids=["nf4-double", "int8"])

@@ -4,12 +4,6 @@ The multi-device checks run in a subprocess (tests/_sharded_checks.py), since
 the fake device count must be set before JAX starts; the rest runs here.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 import lora_jax as lora
 from lora_jax import optim
 from lora_jax import sharding as ls
+from tests._subprocess import run_json_module
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = jax.random.key(0)
 
 
@@ -147,18 +141,7 @@ def test_errors():
 
 @pytest.fixture(scope="module")
 def sharded_run():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests._sharded_checks"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_json_module("tests._sharded_checks")
 
 
 def test_sharded_step_equals_single_device(sharded_run):
