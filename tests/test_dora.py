@@ -236,3 +236,10 @@ def test_dora_per_expert_with_experts_picked_per_token():
     got = lora.wrap(f, strict=True)(frozen, adapters, x)
     np.testing.assert_allclose(got, f(lora.merge(frozen, adapters), x), rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, f(frozen, x), atol=1e-3)
+    # Summing over the picked experts in the same matmul would mix columns of different scales: that use is
+    # formed in full, with a warning, and is still right.
+    gates = jax.random.uniform(K[3], experts.shape)
+    g = lambda p, x: jnp.einsum("tk,td,tkdf->tf", gates, x, p["w"][experts])  # noqa: E731
+    with pytest.warns(lora.MaterializationWarning, match="'dot_general'"):
+        summed = lora.wrap(g)(frozen, adapters, x)
+    np.testing.assert_allclose(summed, g(lora.merge(frozen, adapters), x), rtol=1e-5, atol=1e-5)

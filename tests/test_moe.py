@@ -239,6 +239,14 @@ def test_experts_picked_per_token_give_one_adapter_per_expert():
         trace=lambda p: p["emb"][jnp.array([0, 3])] @ jnp.ones((D, 2)),
     )
     assert (table["emb"].stack_axes, table["emb"].a_axes, table["emb"].b_axes) == ((), (0,), (1,))
+    # ... also when its looked-up vectors meet in a batched product (the batch axis is the tokens', not a stack).
+    _, table = lora.split(
+        {"emb": jnp.ones((E, D))},
+        lora.LoraSpec(rank=2, targets="emb"),
+        key=jax.random.key(2),
+        trace=lambda p: jnp.einsum("bsd,btd->bst", p["emb"][jnp.ones((2, 3), int)], p["emb"][jnp.ones((2, 3), int)]),
+    )
+    assert (table["emb"].stack_axes, table["emb"].a_axes, table["emb"].b_axes) == ((), (0,), (1,))
 
 
 def test_a_weight_used_both_ways_gets_per_expert_adapters_in_both_uses():
